@@ -1,0 +1,1 @@
+"""Components of the fine-tuning toolkit: config, data, templates, models, training."""

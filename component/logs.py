@@ -1,0 +1,38 @@
+"""Logging: loguru on the main process at INFO, warnings only elsewhere.
+
+`setup_logging` sends our messages to stderr and, once the output folder
+exists, to `train.log` in it. `LogCallback` copies the Trainer's metrics
+(loss, learning rate, eval loss) into the same log.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from loguru import logger
+from transformers import TrainerCallback
+
+from component.config import is_main_process
+
+LOG_FILE = "train.log"
+LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | {message}"
+
+
+def setup_logging() -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="INFO" if is_main_process() else "WARNING", format=LOG_FORMAT)
+
+
+def log_to_file(output_dir: str) -> None:
+    if is_main_process():
+        logger.add(Path(output_dir) / LOG_FILE, level="INFO", format=LOG_FORMAT)
+
+
+class LogCallback(TrainerCallback):
+    """Writes each metrics record of the Trainer to our log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            shown = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+            logger.info(f"step {state.global_step}: {shown}")

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models saved to temp folders, and a runner for train.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from tests.tiny import save_tiny_model  # noqa: E402
+
+TINY_SFT = ROOT / "tests" / "data" / "tiny_sft.jsonl"
+LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory) -> Path:
+    return save_tiny_model("gemma", tmp_path_factory.mktemp("tiny-gemma"), bos="<bos>", eos="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory) -> Path:
+    return save_tiny_model("bloom", tmp_path_factory.mktemp("tiny-bloom"))
+
+
+def write_config(path: Path, **values) -> Path:
+    path.write_text(json.dumps(values, indent=2))
+    return path
+
+
+def base_config(model_dir: Path, output_dir: Path, **overrides) -> dict:
+    """A small, fast SFT config for tests; overrides replace any key."""
+    values = {
+        "output_dir": str(output_dir),
+        "model_name_or_path": str(model_dir),
+        "train_file": str(TINY_SFT),
+        "template_name": "chatml",
+        "task_type": "sft",
+        "train_mode": "lora",
+        "num_train_epochs": 1,
+        "max_steps": 6,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_steps": 1000,
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "max_seq_length": 128,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "seed": 1,
+    }
+    values.update(overrides)
+    return values

@@ -1,0 +1,33 @@
+"""Fine-tune a causal language model from a JSON config.
+
+    python train.py --train_args_file train_args/<name>.json [--key value ...]
+
+Flags after the file override its values. The same command runs under
+`torchrun` and `deepspeed`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from loguru import logger
+
+from component.config import load_config
+from component.errors import USER_ERROR_EXIT_CODE, UserError
+from component.logs import setup_logging
+from component.runner import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv)
+        run(config)
+    except UserError as exc:
+        logger.error(str(exc))
+        return USER_ERROR_EXIT_CODE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
