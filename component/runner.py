@@ -14,10 +14,11 @@ from transformers import Trainer, set_seed
 
 from component import sft
 from component.config import Config, is_main_process, save_config
-from component.logs import LogCallback, log_to_file
+from component.logs import log_to_file
 from component.model import load_model, load_tokenizer
 from component.outputs import check_output_dir, write_meta
 from component.sft_data import save_problems, save_summary
+from component.trainer import FinetuneTrainer, default_callbacks
 
 # task_type -> function building its data. Other task types register here.
 TASK_DATA: dict[str, Callable] = {"sft": sft.build_data}
@@ -26,14 +27,14 @@ TASK_TRAINERS: dict[str, Callable] = {}
 
 
 def build_trainer(config: Config, model, tokenizer, data) -> Trainer:
-    return Trainer(
+    return FinetuneTrainer(
         model=model,
         args=config.training,
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=data.collator,
         processing_class=tokenizer,
-        callbacks=[LogCallback()],
+        callbacks=default_callbacks(),
     )
 
 
