@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         run(config)
     except UserError as exc:
         logger.error(str(exc))
-        return USER_ERROR_EXIT_CODE
+        return getattr(exc, "exit_code", USER_ERROR_EXIT_CODE)  # a signal: 128 + its number
     return 0
 
 

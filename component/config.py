@@ -19,17 +19,18 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from transformers import TrainingArguments
 
+from component import distributed, safety
 from component.errors import ConfigError, format_problems
 
 TASK_TYPES = ("sft", "pretrain", "dpo")
 TRAIN_MODES = ("full", "lora", "qlora")
 # Task types whose training path exists. Other values validate as config
 # files but are refused before a run starts.
-IMPLEMENTED_TASK_TYPES = {"sft"}
+IMPLEMENTED_TASK_TYPES = {"sft", "pretrain", "dpo"}
 CONFIG_FILE_FLAG = "--train_args_file"
 RESOLVED_CONFIG_NAME = "train_args.json"
 # TrainingArguments fields that may hold secrets; never logged or saved.
@@ -54,6 +55,11 @@ class ModelArguments:
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "Attention backend (sdpa, eager, flash_attention_2); None: our choice."}
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Load .bin/.pt/.pth weight files (Python pickles, which can run code when loaded) "
+                          "from the model folder or a checkpoint. Default: safetensors only."},
+    )
 
 
 @dataclass
@@ -77,6 +83,16 @@ class DataArguments:
         default=False,
         metadata={"help": "Skip malformed data lines (listed in output_dir) instead of stopping."},
     )
+    padding_free: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Concatenate each batch into one row without padding; None: on where the model "
+                          "type is verified for it (component/model_types.py), off for recurrent models."},
+    )
+    data_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Pretrain: folder for the tokenized, packed data cache; default: data_cache/ next to "
+                  "output_dir. Reused only while the files, tokenizer and max_seq_length are unchanged."},
+    )
 
 
 @dataclass
@@ -94,6 +110,39 @@ class MethodArguments:
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds a finished run."}
+    )
+    resume_from_checkpoint: Optional[Union[bool, str]] = field(
+        default=None,
+        metadata={"help": "true: resume from the newest complete checkpoint in output_dir; a path: from that "
+                          "checkpoint. Absent while output_dir holds checkpoints: an error saying how to go on."},
+    )
+    max_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps with a NaN/inf loss or gradient to skip before the run stops; 0: stop "
+                          "at the first."},
+    )
+    lean_loss: bool = field(
+        default=True,
+        metadata={"help": "Apply the output head only where labels are set, in chunks (component/loss.py); "
+                          "false: the model's own full-logits loss."},
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO: strength of the pull towards the reference model (trl's beta)."}
+    )
+    dpo_loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "DPO: trl loss type(s): sigmoid (DPO), ipo, hinge, robust, sft (adds an NLL term), ..."},
+    )
+    dpo_loss_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "DPO: one weight per dpo_loss_type entry; default: all 1."}
+    )
+    dpo_label_smoothing: float = field(
+        default=0.0, metadata={"help": "DPO: probability a preference label is flipped (robust/cDPO), in [0, 0.5)."}
+    )
+    dpo_precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "DPO: score the data with the reference model once before training; full mode then "
+                  "holds no second model copy."},
     )
 
 
@@ -176,16 +225,13 @@ def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
     if origin in (list, tuple):
         (item_tp, *_) = typing.get_args(tp) or (Any,)
         if from_cli and isinstance(value, str):
-            value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = _cli_json(value, "a JSON list") if value.startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise _CoerceError(f"a list of {_describe(item_tp)}")
         return [_coerce(v, item_tp, from_cli) for v in value]
     if origin is dict or tp is dict:
         if from_cli and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                raise _CoerceError("a JSON object") from None
+            value = _cli_json(value, "a JSON object")
         if not isinstance(value, dict):
             raise _CoerceError("a JSON object")
         return value
@@ -229,6 +275,13 @@ def _coerce(value: Any, tp: Any, from_cli: bool) -> Any:
             return value.value
         raise _CoerceError(_describe(tp))
     return value
+
+
+def _cli_json(text: str, expected: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # also too deep, or an integer too long to convert
+        raise _CoerceError(expected) from None
 
 
 def _type_error_text(value: Any, expected: str) -> str:
@@ -275,10 +328,14 @@ def _read_json(path: str) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}.") from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}.") from None
+    except (ValueError, RecursionError) as exc:  # nested too deep, or an integer too long to convert
+        raise ConfigError(f"{path}: invalid JSON: {str(exc).split(';')[0]}.") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the config must be a JSON object of key/value pairs.")
     return values
@@ -361,7 +418,7 @@ def _check_lengths(values: dict[str, Any]) -> list[str]:
     prompt = values.get("max_prompt_length", 512)
     if seq <= 1:
         problems.append(f"key 'max_seq_length': must be at least 2, got {seq}")
-    if prompt <= 0 or prompt >= seq:
+    if values.get("task_type") == "dpo" and (prompt <= 0 or prompt >= seq):
         problems.append(
             f"key 'max_prompt_length': must be between 1 and max_seq_length - 1 ({seq - 1}), got {prompt}"
         )
@@ -399,6 +456,8 @@ BUILTIN_CHECKS = (
     _check_lengths,
     _check_template,
     _check_deepspeed,
+    distributed.deepspeed_problems,
+    *safety.CONFIG_CHECKS,
 )
 
 
@@ -444,6 +503,8 @@ def _build(values: dict[str, Any], source: str) -> Config:
     if not torch.cuda.is_available():
         # bf16 on the CPU is only accepted by TrainingArguments with use_cpu.
         kwargs.setdefault("use_cpu", bool(kwargs.get("bf16")) or kwargs.get("use_cpu", False))
+    # torchrun/deepspeed: backend, CPU process group, DDP flags (before devices are set up).
+    kwargs = distributed.prepare_training_kwargs(kwargs, values.get("train_mode", "lora"))
     try:
         training = TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
@@ -458,8 +519,9 @@ def load_values(argv: list[str]) -> tuple[dict[str, Any], str]:
     file_values = _read_json(path) if path else {}
     values, type_problems = merge_sources(file_values, cli_pairs, source)
     problems += type_problems
-    if not problems:
-        problems += check_values(values)
+    # Checks see only the values that parsed, so a type error and a
+    # conflict elsewhere are reported in the same message.
+    problems += check_values(values)
     if problems:
         raise ConfigError(format_problems(f"{source}: invalid configuration", problems))
     return values, source

@@ -69,6 +69,9 @@ def read_jsonl(path: str, check: Checker) -> ReadResult:
             except json.JSONDecodeError as exc:
                 problems.append(Problem(name, lineno, f"invalid JSON: {exc.msg} (column {exc.colno})"))
                 continue
+            except (ValueError, RecursionError) as exc:  # nested too deep, or an integer too long
+                problems.append(Problem(name, lineno, f"invalid JSON: {str(exc).split(';')[0]}"))
+                continue
             result = check(obj)
             if isinstance(result, str):
                 problems.append(Problem(name, lineno, result))

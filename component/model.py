@@ -7,16 +7,18 @@ for training: full (all parameters), or LoRA via peft.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 from loguru import logger
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from component.config import Config, ModelArguments
-from component.errors import ConfigError
-from component.model_types import ALL_LINEAR, model_type_info
+from component.config import VALIDATORS, Config, ModelArguments
+from component.errors import ConfigError, format_problems
+from component.model_types import ALL_LINEAR, lora_target_problems, model_type_info
+from component.padding_free import attention_for, padding_free_enabled
 
 GGUF_SUFFIX = ".gguf"
 
@@ -64,7 +66,25 @@ def load_base_model(args: ModelArguments, dtype: torch.dtype, **extra) -> PreTra
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, **loc.kwargs(), **extra}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(loc.path, **kwargs)
+    if not loc.gguf_file and not args.allow_pickle_weights:
+        kwargs["use_safetensors"] = True  # a pickled .bin can run code on load (component/resume.py)
+    model = AutoModelForCausalLM.from_pretrained(loc.path, **kwargs)
+    if loc.gguf_file:
+        detach_gguf_quantizer(model)
+    return model
+
+
+def detach_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Mark a model loaded from GGUF as the plain float model it now is.
+
+    transformers dequantizes every GGUF tensor to `dtype` on load but keeps a
+    GGUF quantizer attached, which makes Trainer refuse to train it and
+    save_pretrained write a bogus quantization_config. The weights are
+    ordinary float tensors, so the marker is dropped.
+    """
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def lora_targets(config: Config, model: PreTrainedModel):
@@ -74,9 +94,40 @@ def lora_targets(config: Config, model: PreTrainedModel):
     return list(info.lora_targets) if info.lora_targets else ALL_LINEAR
 
 
+def check_lora_targets(model_type: str, config: Config) -> None:
+    """Refuse requested LoRA targets that would not train on this model type (model_types data)."""
+    problems = lora_target_problems(model_type, config.method.lora_target_modules)
+    if problems:
+        raise ConfigError(format_problems(f"{config.source}: invalid LoRA targets", problems))
+
+
+def _cached_model_type(values: dict) -> Optional[str]:
+    """model_type from a local folder or the hub cache, never the network; None when unknown here."""
+    name = values.get("model_name_or_path")
+    if not name or name.endswith(GGUF_SUFFIX):
+        return None
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True,
+                                            trust_remote_code=bool(values.get("trust_remote_code")))
+    except Exception:  # not available offline: apply_lora checks again once the model is loaded
+        return None
+    return config.model_type
+
+
+def _check_lora_target_values(values: dict) -> list[str]:
+    if values.get("train_mode", "lora") == "full" or not values.get("lora_target_modules"):
+        return []
+    model_type = _cached_model_type(values)
+    return lora_target_problems(model_type, values["lora_target_modules"]) if model_type else []
+
+
+VALIDATORS.append(_check_lora_target_values)
+
+
 def apply_lora(model: PreTrainedModel, config: Config):
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model.config.model_type, config)
     lora = LoraConfig(
         r=config.method.lora_rank,
         lora_alpha=config.method.lora_alpha,
@@ -96,10 +147,47 @@ def apply_lora(model: PreTrainedModel, config: Config):
     return model
 
 
+@functools.lru_cache(maxsize=8)
+def _model_type(name_or_path: str, trust_remote_code: bool) -> str:
+    loc = resolve_location(name_or_path)
+    return AutoConfig.from_pretrained(loc.path, trust_remote_code=trust_remote_code, **loc.kwargs()).model_type
+
+
+def read_model_type(args: ModelArguments) -> str:
+    """`config.model_type` of the model to load, read without loading weights (cached per process)."""
+    return _model_type(args.model_name_or_path, args.trust_remote_code)
+
+
+def attention_kwargs(config: Config) -> dict:
+    """attn_implementation chosen per model type (data), when padding-free batches are on."""
+    info = model_type_info(read_model_type(config.model))
+    attention = attention_for(info, padding_free_enabled(config.data.padding_free, info))
+    return {"attn_implementation": attention} if attention else {}
+
+
+def load_qlora_base(config: Config, **extra) -> PreTrainedModel:
+    """The base model in 4-bit NF4 on this rank's device, prepared for k-bit training."""
+    from component import quantization
+
+    dtype = torch_dtype(config)
+    kwargs = quantization.quantized_load_kwargs(read_model_type(config.model), dtype)
+    model = load_base_model(config.model, dtype, **kwargs, **extra)
+    quantization.keep_training_matmul(model)
+    logger.info(f"loaded {quantization.count_quantized(model)} linear layers in 4-bit "
+                f"{quantization.QUANT_TYPE}, compute dtype {dtype}")
+    return quantization.prepare_for_training(model, config.training.gradient_checkpointing)
+
+
 def load_model(config: Config) -> PreTrainedModel:
-    model = load_base_model(config.model, torch_dtype(config))
+    from component.quantization import apply_optimizer_fallback
+
+    apply_optimizer_fallback(config.training)
+    if config.method.train_mode == "qlora":
+        model = load_qlora_base(config, **attention_kwargs(config))
+    else:
+        model = load_base_model(config.model, torch_dtype(config), **attention_kwargs(config))
     model.config.use_cache = False
-    if config.method.train_mode == "lora":
+    if config.method.train_mode in ("lora", "qlora"):
         model = apply_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -12,18 +12,21 @@ from typing import Callable
 from loguru import logger
 from transformers import Trainer, set_seed
 
-from component import sft
+from component import dpo, pretrain, sft
 from component.config import Config, is_main_process, save_config
 from component.logs import log_to_file
 from component.model import load_model, load_tokenizer
 from component.outputs import check_output_dir, write_meta
+from component.report import report_on_exit
+from component.resume import remove_checkpoints, resolve_resume
+from component.safety import add_safety_callbacks, raise_if_interrupted
 from component.sft_data import save_problems, save_summary
 from component.trainer import FinetuneTrainer, default_callbacks
 
 # task_type -> function building its data. Other task types register here.
-TASK_DATA: dict[str, Callable] = {"sft": sft.build_data}
+TASK_DATA: dict[str, Callable] = {"sft": sft.build_data, "pretrain": pretrain.build_data, "dpo": dpo.build_data}
 # task_type -> function building its trainer; default: transformers' Trainer.
-TASK_TRAINERS: dict[str, Callable] = {}
+TASK_TRAINERS: dict[str, Callable] = {"pretrain": pretrain.build_trainer, "dpo": dpo.build_trainer}
 
 
 def build_trainer(config: Config, model, tokenizer, data) -> Trainer:
@@ -35,6 +38,7 @@ def build_trainer(config: Config, model, tokenizer, data) -> Trainer:
         data_collator=data.collator,
         processing_class=tokenizer,
         callbacks=default_callbacks(),
+        lean_loss=config.method.lean_loss,
     )
 
 
@@ -55,12 +59,18 @@ def prepare_output_dir(config: Config, data) -> str:
 def run(config: Config) -> Trainer:
     set_seed(config.training.seed)
     check_output_dir(config)
+    resume = resolve_resume(config)  # before any work: a wrong resume setting costs nothing
     tokenizer = load_tokenizer(config.model)
     data = TASK_DATA[config.method.task_type](config, tokenizer)
+    if resume is None and config.method.overwrite_output_dir and is_main_process():
+        remove_checkpoints(config.training.output_dir)  # never resume into the replaced run later
     out = prepare_output_dir(config, data)
     model = load_model(config)
     trainer = TASK_TRAINERS.get(config.method.task_type, build_trainer)(config, model, tokenizer, data)
-    trainer.train()
+    add_safety_callbacks(trainer, config.method.max_nonfinite_steps)
+    with report_on_exit(trainer):  # report.json also when training stops on an error or a signal
+        trainer.train(resume_from_checkpoint=resume)
+        raise_if_interrupted(trainer, config)  # a signal: checkpoint saved; say how to resume, exit non-zero
     trainer.save_model(out)
     if is_main_process():
         tokenizer.save_pretrained(out)

@@ -9,6 +9,10 @@ from loguru import logger
 
 from component.collator import PaddingCollator
 from component.config import Config
+from component.errors import ConfigError
+from component.model import read_model_type
+from component.model_types import model_type_info
+from component.padding_free import PaddingFreeCollator, padding_free_enabled, padding_free_problem
 from component.sft_data import DataSummary, build_sft_dataset
 from component.template import get_template
 
@@ -39,4 +43,16 @@ def build_data(config: Config, tokenizer) -> TaskData:
         ev = build_sft_dataset(config.data.eval_file, **args)
         logger.info(f"eval data {config.data.eval_file}: {ev.summary.describe()}")
         eval_ds = ev.dataset
-    return TaskData(train.dataset, eval_ds, PaddingCollator(tokenizer.pad_token_id), train.summary, train.problems)
+    return TaskData(train.dataset, eval_ds, choose_collator(config, tokenizer), train.summary, train.problems)
+
+
+def choose_collator(config: Config, tokenizer):
+    """Padding-free batches where the model type is verified for them, right padding otherwise."""
+    model_type = read_model_type(config.model)
+    problem = padding_free_problem(config.data.padding_free, model_type)
+    if problem:
+        raise ConfigError(problem)
+    if padding_free_enabled(config.data.padding_free, model_type_info(model_type)):
+        logger.info(f"padding-free batches for model type {model_type!r}")
+        return PaddingFreeCollator()
+    return PaddingCollator(tokenizer.pad_token_id)

@@ -24,6 +24,15 @@ INVALID_EXAMPLES_FILE = "invalid_examples.txt"
 SKIP_HINT = "Fix these lines, or set skip_invalid_examples: true to train without them."
 
 
+def _encodable(text: str) -> bool:
+    """False for text JSON allows but UTF-8 cannot hold (lone surrogates); the tokenizer would fail on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_conversation(obj: Any) -> Union[dict, str]:
     """A clean record, or a string naming what is wrong."""
     if not isinstance(obj, dict):
@@ -37,6 +46,8 @@ def check_conversation(obj: Any) -> Union[dict, str]:
     system = obj.get("system")
     if system is not None and not isinstance(system, str):
         return f"'system' must be a string, got {type(system).__name__}"
+    if system is not None and not _encodable(system):
+        return "'system': invalid Unicode (a lone surrogate escape such as \\ud800)"
     conv = obj["conversation"]
     if not isinstance(conv, list) or not conv:
         return "'conversation' must be a non-empty list of {\"human\": ..., \"assistant\": ...} turns"
@@ -50,6 +61,8 @@ def check_conversation(obj: Any) -> Union[dict, str]:
                 return f"conversation[{i}].{key}: expected a string, got {type(turn[key]).__name__}"
             if not turn[key].strip():
                 return f"conversation[{i}].{key}: empty text"
+            if not _encodable(turn[key]):
+                return f"conversation[{i}].{key}: invalid Unicode (a lone surrogate escape such as \\ud800)"
         extra_turn = set(turn) - {"human", "assistant"}
         if extra_turn:
             return f"conversation[{i}]: unknown key(s) {', '.join(sorted(extra_turn))}"

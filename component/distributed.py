@@ -1,0 +1,154 @@
+"""Launch-aware setup: torchrun DDP and DeepSpeed, on GPUs and on the CPU.
+
+The same `train.py` and config run as one process, under `torchrun` (one node
+or several) and under the `deepspeed` launcher. What differs is decided here,
+from the launcher's environment, before transformers' `TrainingArguments` sets
+up its devices (it does so while being constructed):
+
+- The process-group backend: NCCL on GPUs, gloo on the CPU; the config key
+  `ddp_backend` overrides it.
+- On a CPU-only machine accelerate sees no distributed run unless told it is
+  on the CPU (`use_cpu`), and every rank would then train on all the data.
+- DeepSpeed on the CPU is worse: transformers never passes a backend to
+  accelerate when DeepSpeed is on, so accelerate's state says one process and
+  every rank gets the same batches. We create that state ourselves first, with
+  the gloo backend, and tell the Trainer to use it (`use_configured_state`).
+- `ddp_find_unused_parameters` defaults to False for LoRA/QLoRA: every adapter
+  takes part in every forward, and True breaks gradient checkpointing.
+
+`deepspeed_problems(values)` checks a DeepSpeed JSON config against the train
+config (registered in component.config's VALIDATORS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+CPU_BACKEND = "gloo"
+GPU_BACKEND = "nccl"
+# Backends torch.distributed offers without a GPU.
+CPU_BACKENDS = ("gloo", "mpi", "ccl")
+# Environment accelerate reads to know DeepSpeed is on (set by `accelerate launch`).
+ACCELERATE_DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"
+# TrainingArguments' default, in seconds.
+DEFAULT_DDP_TIMEOUT_S = 1800
+ADAPTER_MODES = ("lora", "qlora")
+
+
+def is_launched() -> bool:
+    """True under torchrun or the deepspeed launcher (both set LOCAL_RANK for each rank)."""
+    return int(os.environ.get("LOCAL_RANK", "-1")) != -1
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def choose_backend(requested: str | None, gpu: bool) -> str:
+    """The process-group backend: the configured one, else NCCL on GPUs and gloo on the CPU."""
+    return requested or (GPU_BACKEND if gpu else CPU_BACKEND)
+
+
+def _deepspeed_on_cpu_state(backend: str, timeout_s: int) -> None:
+    """Create accelerate's process state for DeepSpeed with an explicit backend.
+
+    Without a backend, accelerate records DeepSpeed runs on the CPU as a single
+    process (num_processes 1), so the Trainer does not shard the data.
+    """
+    from accelerate import PartialState
+
+    os.environ[ACCELERATE_DEEPSPEED_ENV] = "true"
+    try:
+        PartialState(backend=backend, timeout=timedelta(seconds=timeout_s))
+    finally:
+        del os.environ[ACCELERATE_DEEPSPEED_ENV]
+
+
+def prepare_training_kwargs(kwargs: dict[str, Any], train_mode: str) -> dict[str, Any]:
+    """Adjust TrainingArguments keyword arguments for the launcher and the hardware.
+
+    Called right before `TrainingArguments(**kwargs)`. May initialise the
+    process group (DeepSpeed on the CPU). Values the user set are kept.
+    """
+    out = dict(kwargs)
+    if train_mode in ADAPTER_MODES and out.get("ddp_find_unused_parameters") is None:
+        out["ddp_find_unused_parameters"] = False
+    if not is_launched() or has_gpu():
+        return out  # one process, or GPUs: transformers picks NCCL itself
+    backend = choose_backend(out.get("ddp_backend"), gpu=False)
+    out["ddp_backend"] = backend
+    if out.get("deepspeed"):
+        _deepspeed_on_cpu_state(backend, out.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S))
+        accel = out.get("accelerator_config") or {}
+        if isinstance(accel, dict):
+            out["accelerator_config"] = {**accel, "use_configured_state": True}
+    else:
+        out["use_cpu"] = True  # accelerate only sets up a CPU process group when told
+    return out
+
+
+# ---------------------------------------------------------------- DeepSpeed config checks
+
+# Trainer `optim` values that DeepSpeed's own "AdamW"/"Adam" optimizer stands in for.
+ADAM_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw")
+
+
+def read_deepspeed_config(ds: Any) -> dict | None:
+    if isinstance(ds, dict):
+        return ds
+    if isinstance(ds, str) and Path(ds).is_file():
+        try:
+            return json.loads(Path(ds).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+    return None
+
+
+def deepspeed_problems(values: dict[str, Any]) -> list[str]:
+    """Problems with the `deepspeed` config in combination with the train config."""
+    ds_value = values.get("deepspeed")
+    if not ds_value:
+        return []
+    where = f"key 'deepspeed' ({ds_value})" if isinstance(ds_value, str) else "key 'deepspeed'"
+    ds = read_deepspeed_config(ds_value)
+    if ds is None:
+        if isinstance(ds_value, str) and Path(ds_value).is_file():
+            return [f"{where}: not a valid JSON object"]
+        return []  # a missing file is reported by the config's own check
+    problems = []
+    if "scheduler" in ds:
+        problems.append(
+            f"{where}: has a 'scheduler' block, which would replace lr_scheduler_type "
+            f"{values.get('lr_scheduler_type', 'linear')!r}; remove it and set lr_scheduler_type / warmup_steps "
+            "in the train config"
+        )
+    opt = ds.get("optimizer")
+    if isinstance(opt, dict):
+        optim = values.get("optim", "adamw_torch")
+        if str(opt.get("type", "")).lower() not in ("adam", "adamw") or optim not in ADAM_OPTIMS:
+            problems.append(
+                f"{where}: its optimizer {opt.get('type')!r} would replace optim {optim!r}; remove the "
+                "'optimizer' block, or use an AdamW optim with an AdamW block"
+            )
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3 and values.get("train_mode") == "qlora":
+        problems.append(
+            f"{where}: ZeRO-3 cannot shard QLoRA's 4-bit quantized weights (bitsandbytes Params4bit); "
+            "use ZeRO-2 (train_args/ds_z2_config.json) with qlora, or train_mode 'lora' with ZeRO-3"
+        )
+    if not has_gpu() and (values.get("fp16") or values.get("bf16")):
+        key = "fp16" if values.get("fp16") else "bf16"
+        problems.append(
+            f"key '{key}': DeepSpeed on the CPU trains in fp32 only; set {key} false (or drop 'deepspeed')"
+        )
+    return problems

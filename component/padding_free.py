@@ -1,0 +1,188 @@
+"""Padding-free SFT batches and an attention that works sequence by sequence.
+
+A padding-free batch concatenates its examples into one row: no padding token
+is computed. `position_ids` restart at 0 for every example, and the first label
+of every example is IGNORE_INDEX so that no example learns to predict the next
+one's first token (exactly the targets a padded batch has). `cu_seq_lens_*` /
+`max_length_*` carry the boundaries in the form flash-attention's varlen path
+takes; transformers forwards them to the attention function.
+
+Attention over such a row must keep the examples apart without a dense
+(rows x rows) block-diagonal mask, which makes sdpa on the CPU several times
+slower than attending to each example alone. So:
+- with flash-attention on a GPU: `flash_attention_2` (its varlen kernel);
+- elsewhere: `segment_sdpa`, registered here through transformers'
+  AttentionInterface: plain causal sdpa on each example's slice. Padded
+  batches (an explicit mask) go to transformers' own sdpa unchanged.
+Which model types may use which attention is data: `ModelTypeInfo`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from component.model_types import ModelTypeInfo, model_type_info
+from component.template import IGNORE_INDEX
+
+SEGMENT_SDPA = "segment_sdpa"
+FLASH_ATTENTION = "flash_attention_2"
+
+
+# ---------------------------------------------------------------- collation
+
+
+@dataclass
+class PaddingFreeCollator:
+    """Concatenates a batch of {input_ids, labels} into one row without padding.
+
+    The batch keeps `per_device_train_batch_size` examples, so gradient
+    accumulation and `num_items_in_batch` mean the same as with padding.
+    """
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids, labels, positions, lengths = [], [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.extend(f["input_ids"])
+            example_labels = list(f["labels"])
+            example_labels[0] = IGNORE_INDEX  # never a target: it would be predicted from the previous example
+            labels.extend(example_labels)
+            positions.extend(range(n))
+            lengths.append(n)
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+        }
+
+
+# ---------------------------------------------------------------- attention
+
+
+def segment_bounds(position_ids: torch.Tensor, cu_seq_lens: Optional[torch.Tensor] = None) -> list[int]:
+    """Start offsets of each example in a one-row batch, plus the row length at the end."""
+    if cu_seq_lens is not None:
+        return [int(x) for x in cu_seq_lens.tolist()]
+    pos = position_ids.reshape(-1)
+    breaks = torch.nonzero(pos[1:] - pos[:-1] != 1).reshape(-1) + 1
+    return [0, *breaks.tolist(), pos.numel()]
+
+
+def _band_mask(length: int, window: int, device) -> torch.Tensor:
+    """Causal mask keeping only the last `window` keys for each query (sliding-window attention)."""
+    idx = torch.arange(length, device=device)
+    diff = idx[:, None] - idx[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+def _attend_segments(query, key, value, bounds, scaling, dropout, sliding_window) -> torch.Tensor:
+    outputs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        length = end - start
+        if sliding_window is not None and length > sliding_window:
+            mask = _band_mask(length, sliding_window, query.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=length > 1)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2)
+
+
+def segment_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """sdpa, one example at a time, for a one-row (padding-free) batch without a mask.
+
+    The boundaries come from `cu_seq_lens_q` when the collator gave them, else
+    from where `position_ids` stop counting up by one. Anything else (an
+    explicit mask, several rows, decoding with a cache) goes to transformers' sdpa.
+    """
+    position_ids = kwargs.get("position_ids")
+    one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2] and query.shape[2] > 1
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None or not one_row or position_ids is None or not causal:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{SEGMENT_SDPA} does not support attention logit softcapping; use eager for this model type")
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = segment_bounds(position_ids, kwargs.get("cu_seq_lens_q"))
+    out = _attend_segments(query, key, value, bounds, scaling, dropout, kwargs.get("sliding_window"))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def segment_sdpa_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
+    """The mask for `segment_sdpa`: none for a one-row batch without padding, else sdpa's own.
+
+    Returning None there stops transformers from building the dense
+    block-diagonal mask that the packed position_ids would otherwise imply.
+    """
+    if attention_mask is None and batch_size == 1 and q_length == kv_length:
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                     attention_mask=attention_mask, **kwargs)
+
+
+def register_attention() -> None:
+    """Make `segment_sdpa` a valid `attn_implementation` (idempotent)."""
+    AttentionInterface.register(SEGMENT_SDPA, segment_sdpa_attention_forward)
+    AttentionMaskInterface.register(SEGMENT_SDPA, segment_sdpa_mask)
+
+
+register_attention()
+
+
+# ---------------------------------------------------------------- choices
+
+
+def flash_attention_usable() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def padding_free_enabled(setting: Optional[bool], info: ModelTypeInfo) -> bool:
+    """The config's `padding_free` (None: auto) resolved for one model type."""
+    if info.recurrent:
+        return False
+    return info.padding_free if setting is None else setting
+
+
+def padding_free_problem(setting: Optional[bool], model_type: str) -> Optional[str]:
+    """Why `padding_free: true` cannot be honoured for this model type, or None."""
+    info = model_type_info(model_type)
+    if setting and (info.recurrent or not info.padding_free):
+        why = "recurrent" if info.recurrent else "not verified to keep packed sequences apart"
+        return f"key 'padding_free': model type {model_type!r} is {why}; use false (right padding)"
+    return None
+
+
+def attention_for(info: ModelTypeInfo, padding_free: bool) -> Optional[str]:
+    """The attention implementation to load the model with; None keeps transformers' default."""
+    if not padding_free:
+        return None
+    if flash_attention_usable() and info.flash_attention:
+        return FLASH_ATTENTION
+    return info.padding_free_attention

@@ -1,0 +1,328 @@
+"""The run report: `report.json` and `loss.png` in the output folder.
+
+`RunReportCallback` counts what a run has seen (steps, examples, real and
+supervised tokens), times it, and tracks peak memory. It writes the report
+at every save and at the end of training, and `report_on_exit` writes it once
+more when a run stops on an error or a signal, so a failed run still says how
+far it got. Only the main process writes.
+
+Tokens are counted from the batches themselves (`observe_batch`, called by
+`FinetuneTrainer.training_step` for each micro-batch): real tokens are the
+ones `attention_mask` marks, or, for padding-free batches (no mask; packed
+rows whose `position_ids` restart at 0), every token; supervised tokens are
+labels other than IGNORE_INDEX. Counts are summed over processes once per
+optimizer step, so the report covers the whole run, not one rank.
+
+The plot uses matplotlib's object API with the Agg canvas: no display, no
+pyplot global state.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from loguru import logger
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from component.config import is_main_process
+from component.template import IGNORE_INDEX
+
+REPORT_FILE = "report.json"
+PLOT_FILE = "loss.png"
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets")
+# ru_maxrss is KiB on Linux, bytes on macOS.
+RSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
+MIB = 1024**2
+PLOT_SIZE_INCHES = (8, 4.5)
+PLOT_DPI = 110
+
+STATUS_RUNNING = "running"
+STATUS_FINISHED = "finished"
+STATUS_STOPPED = "stopped early"
+STATUS_INTERRUPTED = "interrupted"
+
+
+# ---------------------------------------------------------------- counting
+
+
+def batch_counts(inputs: dict) -> tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
+    """(examples, real tokens, supervised tokens) in one micro-batch, as 0-d tensors or ints.
+
+    Left as tensors so that counting a GPU batch does not wait for the GPU.
+    """
+    input_ids = inputs.get("input_ids")
+    labels = inputs.get("labels")
+    mask = inputs.get("attention_mask")
+    positions = inputs.get("position_ids")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        real = mask.sum()
+        examples = mask.shape[0]
+    elif isinstance(input_ids, torch.Tensor):
+        real = input_ids.numel()
+        examples = input_ids.shape[0] if input_ids.dim() > 1 else 1
+        bounds = inputs.get("cu_seq_lens_q")
+        if isinstance(bounds, torch.Tensor):  # padding-free with flash-attention boundaries
+            examples = bounds.numel() - 1
+        elif isinstance(positions, torch.Tensor):  # padding-free: a new example starts at position 0
+            examples = (positions == 0).sum()
+    else:
+        return 0, 0, 0
+    supervised = (labels != IGNORE_INDEX).sum() if isinstance(labels, torch.Tensor) else 0
+    return examples, real, supervised
+
+
+class TokenCounter:
+    """Running totals of examples, real tokens and supervised tokens seen in training."""
+
+    def __init__(self):
+        self.examples = 0
+        self.real_tokens = 0
+        self.supervised_tokens = 0
+        self._pending: list = []
+
+    def add(self, inputs: dict) -> None:
+        self._pending.append(batch_counts(inputs))
+
+    def flush(self, device: Optional[torch.device] = None) -> None:
+        """Fold pending micro-batches into the totals, summed over processes when distributed."""
+        local = torch.zeros(3, dtype=torch.int64, device=device)
+        for counts in self._pending:
+            local += torch.stack([torch.as_tensor(c, dtype=torch.int64, device=device) for c in counts])
+        self._pending.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(local)
+        examples, real, supervised = local.tolist()
+        self.examples += examples
+        self.real_tokens += real
+        self.supervised_tokens += supervised
+
+
+def observe_batch(callbacks: list, inputs: dict) -> None:
+    """Show a training micro-batch to the run report; called by the trainer for each one."""
+    for callback in callbacks:
+        if isinstance(callback, RunReportCallback):
+            callback.tokens.add(inputs)
+            callback.find_progress_bar(callbacks)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def peak_memory() -> dict[str, Optional[float]]:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT_BYTES
+    out: dict[str, Optional[float]] = {"peak_rss_mib": round(rss / MIB, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
+        out["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved() / MIB, 1)
+    return out
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def loss_summary(log_history: list[dict]) -> dict[str, Any]:
+    """Final and best training loss, and eval loss, from the Trainer's log history."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    mean = [e["train_loss"] for e in log_history if "train_loss" in e]
+    out: dict[str, Any] = {
+        "first_loss": train[0][1] if train else None,
+        "final_loss": train[-1][1] if train else None,
+        "best_loss": min(x for _, x in train) if train else None,
+        "best_loss_step": min(train, key=lambda t: t[1])[0] if train else None,
+        "mean_train_loss": mean[-1] if mean else None,
+        "final_eval_loss": evals[-1][1] if evals else None,
+        "best_eval_loss": min(x for _, x in evals) if evals else None,
+    }
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    # Write then rename, so a reader (or a crash mid-write) never sees half a file.
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def plot_losses(log_history: list[dict], path: Path) -> Optional[Path]:
+    """Training loss (and eval loss) against step, learning rate on a second axis."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    rates = [(e["step"], e["learning_rate"]) for e in log_history if "learning_rate" in e and "step" in e]
+    if not train and not evals:
+        return None
+    fig = Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), color="tab:blue", marker="." if len(train) < 50 else None, label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), color="tab:orange", marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if rates:
+        lr_ax = ax.twinx()
+        lr_ax.plot(*zip(*rates), color="tab:green", linestyle="--", alpha=0.7, label="learning rate")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        more_handles, more_labels = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(f"{path.parent.name}: loss by step")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+class RunReportCallback(TrainerCallback):
+    """Counts, times and reports a training run; see the module docstring."""
+
+    def __init__(self):
+        self.tokens = TokenCounter()
+        self.started: Optional[float] = None
+        self.started_at: Optional[str] = None
+        self.train_examples: Optional[int] = None
+        self.args = None
+        self.state = None
+        self._bar = None
+        self._bar_searched = False
+
+    # -- progress bar
+
+    def find_progress_bar(self, callbacks: list) -> None:
+        if not self._bar_searched:
+            self._bar_searched = True
+            self._bar = next((c for c in callbacks if isinstance(c, ProgressCallback)), None)
+
+    def tokens_per_second(self) -> Optional[float]:
+        elapsed = self.elapsed()
+        return self.tokens.real_tokens / elapsed if elapsed else None
+
+    def elapsed(self) -> Optional[float]:
+        return time.perf_counter() - self.started if self.started is not None else None
+
+    # -- events
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.args, self.state = args, state
+        self.started = time.perf_counter()
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        dataset = getattr(train_dataloader, "dataset", None)
+        try:
+            self.train_examples = len(dataset) if dataset is not None else None
+        except TypeError:  # an iterable dataset has no length
+            self.train_examples = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.tokens.flush(args.device)
+        bar = getattr(self._bar, "training_bar", None)
+        rate = self.tokens_per_second()
+        if state.is_world_process_zero and bar is not None and rate is not None:
+            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Runs before the progress callback and our log file, so both show the rate.
+        rate = self.tokens_per_second()
+        if logs is not None and rate is not None and "loss" in logs:
+            logs["tokens_per_second"] = round(rate, 1)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.write(STATUS_RUNNING)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        done = state.max_steps and state.global_step >= state.max_steps
+        self.write(STATUS_FINISHED if done else STATUS_STOPPED)
+
+    # -- writing
+
+    def report(self, status: str) -> dict[str, Any]:
+        state, args = self.state, self.args
+        elapsed = self.elapsed()
+        history = state.log_history if state is not None else []
+        return {
+            "status": status,
+            "started_at": self.started_at,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(elapsed, 2) if elapsed is not None else None,
+            "global_step": state.global_step if state else 0,
+            "max_steps": state.max_steps if state else None,
+            "epoch": round(state.epoch, 4) if state and state.epoch is not None else None,
+            "num_train_epochs": args.num_train_epochs if args else None,
+            "train_examples": self.train_examples,
+            "examples_seen": self.tokens.examples,
+            "real_tokens_seen": self.tokens.real_tokens,
+            "supervised_tokens_seen": self.tokens.supervised_tokens,
+            "real_tokens_per_second": round(self.tokens_per_second() or 0.0, 1) if elapsed else None,
+            **loss_summary(history),
+            **peak_memory(),
+            "device": str(args.device) if args else None,
+            "world_size": args.world_size if args else 1,
+            "versions": package_versions(),
+        }
+
+    def write(self, status: str) -> Optional[Path]:
+        """Write report.json and loss.png to output_dir (main process only); never raises."""
+        if self.args is None or not is_main_process() or (self.state and not self.state.is_world_process_zero):
+            return None
+        out = Path(self.args.output_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / REPORT_FILE, self.report(status))
+            plot_losses(self.state.log_history if self.state else [], out / PLOT_FILE)
+        except Exception as exc:  # a report must never be the reason a run fails
+            logger.warning(f"could not write the run report to {out}: {exc}")
+            return None
+        return out / REPORT_FILE
+
+
+def report_callback(trainer) -> Optional[RunReportCallback]:
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, RunReportCallback)), None)
+
+
+def describe_exit(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return STATUS_INTERRUPTED
+    if isinstance(exc, SystemExit):
+        return f"{STATUS_INTERRUPTED} (exit {exc.code})"
+    return f"error: {type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def report_on_exit(trainer) -> Iterator[None]:
+    """Around `trainer.train()`: if training raises (an error, Ctrl-C, a signal turned
+    into an exception), write the report with that status before the exception goes on."""
+    try:
+        yield
+    except BaseException as exc:
+        callback = report_callback(trainer)
+        if callback is not None:
+            written = callback.write(describe_exit(exc))
+            if written:
+                logger.info(f"run report written to {written}")
+        raise

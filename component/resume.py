@@ -1,0 +1,283 @@
+"""Checkpoints: marking them complete, checking them, and choosing one to resume from.
+
+transformers' Trainer writes `checkpoint-N/` in place, file by file, so a process
+killed while saving leaves a folder that looks like a checkpoint but is not one.
+`FinetuneTrainer` therefore writes `checkpoint_complete.json` (every file with its
+size) only after the whole checkpoint is on disk, on every rank. A checkpoint is
+complete when that marker is there, every file it lists has the recorded size and
+each safetensors file's header matches its length. Resuming never takes an
+incomplete checkpoint: `resume_from_checkpoint: true` skips it, with a warning, in
+favour of the newest complete one.
+
+`resolve_resume(config)` turns the config's `resume_from_checkpoint` into a path:
+`true` is the newest complete checkpoint in output_dir, a string is that
+checkpoint, and absent (or false) with checkpoints already in output_dir is an
+error that says how to resume or how to start fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+from loguru import logger
+from transformers import TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints
+
+from component.errors import ConfigError
+
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
+CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+COMPLETE_MARKER = "checkpoint_complete.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+SAFETENSORS_SUFFIX = ".safetensors"
+# Weight files in Python's pickle format: loading one can run arbitrary code.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# The Trainer's own state files. They are pickles too, but transformers loads
+# them with torch's weights_only unpickler, which only rebuilds tensors and
+# plain containers and cannot run code; they are not weights.
+TRAINER_STATE_PICKLES = re.compile(r"^(optimizer|scheduler|scaler|rng_state(_\d+)?)\.(pt|pth)$|^training_args\.bin$")
+SAFETENSORS_HEADER_BYTES = 8
+RESUME_FLAG = "--resume_from_checkpoint"
+
+
+def checkpoint_step(path: Path) -> Optional[int]:
+    match = CHECKPOINT_PATTERN.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoint-N` folders in output_dir, oldest step first."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != COMPLETE_MARKER
+    }
+
+
+def mark_complete(folder: str | Path, step: int) -> Path:
+    """Record every file of a fully written checkpoint; written last, atomically."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"step": step, "files": _file_sizes(folder)}, indent=1) + "\n")
+    os.replace(tmp, marker)  # a reader sees the whole marker or none
+    return marker
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """Why a safetensors file is unusable (truncated, bad header), or None; reads the header only."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(SAFETENSORS_HEADER_BYTES))
+            if header_len > size:
+                return f"{path.name}: header length {header_len} exceeds the file size {size}"
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return f"{path.name}: not a readable safetensors file"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    expected = SAFETENSORS_HEADER_BYTES + header_len + max(ends, default=0)
+    if expected != size:
+        return f"{path.name}: {size} bytes, its header needs {expected} (truncated?)"
+    return None
+
+
+def checkpoint_problems(folder: str | Path) -> list[str]:
+    """What makes a checkpoint incomplete; empty when it can be resumed from."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return [f"no {COMPLETE_MARKER}: the process most likely stopped while saving it"]
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{COMPLETE_MARKER} is unreadable"]
+    problems = []
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, {size} were written")
+        elif name.endswith(SAFETENSORS_SUFFIX) and (problem := safetensors_problem(path)):
+            problems.append(problem)
+    if TRAINER_STATE_FILE not in files:
+        problems.append(f"{TRAINER_STATE_FILE} is missing")
+    return problems
+
+
+class NewestCheckpoint(NamedTuple):
+    path: Optional[Path]
+    skipped: list[tuple[Path, list[str]]]  # newer, incomplete checkpoints passed over
+
+
+def newest_complete(output_dir: str | Path) -> NewestCheckpoint:
+    skipped = []
+    for folder in reversed(list_checkpoints(output_dir)):
+        problems = checkpoint_problems(folder)
+        if not problems:
+            return NewestCheckpoint(folder, skipped)
+        skipped.append((folder, problems))
+    return NewestCheckpoint(None, skipped)
+
+
+def pickle_weight_files(folder: str | Path) -> list[str]:
+    """Weight files in pickle format (not the Trainer's own weights_only state files)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        str(f.relative_to(folder))
+        for f in folder.rglob("*")
+        if f.is_file() and f.suffix in PICKLE_WEIGHT_SUFFIXES and not TRAINER_STATE_PICKLES.match(f.name)
+    )
+
+
+def pickle_problem(folder: str | Path, what: str, allowed: bool) -> Optional[str]:
+    """A refusal naming the pickled weight files of `folder` when it has no safetensors weights."""
+    if allowed:
+        return None
+    folder = Path(folder)
+    pickles = pickle_weight_files(folder)
+    if not pickles or any(folder.rglob(f"*{SAFETENSORS_SUFFIX}")):
+        return None
+    return (
+        f"{what} {str(folder)!r} holds weights only as pickle files ({', '.join(pickles[:3])}), and loading a "
+        "pickle can run arbitrary code. Convert them to safetensors, or set allow_pickle_weights: true "
+        "if you trust where they came from."
+    )
+
+
+def _warn_skipped(skipped: list[tuple[Path, list[str]]]) -> None:
+    for folder, problems in skipped:
+        logger.warning(f"skipping incomplete checkpoint {folder}: {'; '.join(problems)}")
+
+
+def _fresh_start_problem(config, checkpoints: list[Path]) -> str:
+    out = config.training.output_dir
+    newest = newest_complete(out).path
+    newest_text = f"the newest complete one is {newest.name}" if newest else "none of them is complete"
+    return (
+        f"{config.source}: key 'output_dir': {out!r} already holds checkpoints "
+        f"({', '.join(p.name for p in checkpoints[-3:])}; {newest_text}). "
+        f"To resume, set resume_from_checkpoint: true (or pass {RESUME_FLAG} true). To start fresh, choose "
+        "another output_dir, or set overwrite_output_dir: true (its checkpoints are then deleted)."
+    )
+
+
+def _explicit_checkpoint(config, value: str) -> Path:
+    path = Path(value)
+    inside = Path(config.training.output_dir) / value
+    if not path.is_dir() and inside.is_dir():
+        path = inside  # `checkpoint-40` names a folder of output_dir
+    if not path.is_dir():
+        raise ConfigError(f"{config.source}: key 'resume_from_checkpoint': checkpoint folder {value!r} not found")
+    problems = checkpoint_problems(path)
+    if problems:
+        newest = newest_complete(config.training.output_dir).path
+        hint = f" The newest complete checkpoint is {newest}." if newest else ""
+        raise ConfigError(
+            f"{config.source}: key 'resume_from_checkpoint': {str(path)!r} is not a complete checkpoint: "
+            f"{'; '.join(problems)}.{hint}"
+        )
+    return path
+
+
+def resolve_resume(config) -> Optional[str]:
+    """The checkpoint to resume from, or None for a fresh run; raises ConfigError with the way out."""
+    value = config.method.resume_from_checkpoint
+    out = config.training.output_dir
+    checkpoints = list_checkpoints(out)
+    if value is None or value is False:
+        if checkpoints and not config.method.overwrite_output_dir:
+            raise ConfigError(_fresh_start_problem(config, checkpoints))
+        return None
+    if value is True:
+        newest = newest_complete(out)
+        _warn_skipped(newest.skipped)
+        if newest.path is None:
+            found = f"its checkpoints are all incomplete ({len(checkpoints)})" if checkpoints else "it holds no checkpoint"
+            raise ConfigError(
+                f"{config.source}: key 'resume_from_checkpoint': nothing to resume in {out!r}: {found}. "
+                "Remove resume_from_checkpoint to start a new run."
+            )
+        path = newest.path
+    else:
+        path = _explicit_checkpoint(config, value)
+    problem = pickle_problem(path, "checkpoint", config.model.allow_pickle_weights)
+    if problem:
+        raise ConfigError(f"{config.source}: key 'resume_from_checkpoint': {problem}")
+    logger.info(f"resuming from {path} (step {checkpoint_step(path)})")
+    return str(path)
+
+
+def remove_checkpoints(output_dir: str | Path) -> None:
+    """Delete an earlier run's checkpoints before a fresh run that overwrites output_dir,
+    so that a later `resume_from_checkpoint: true` cannot pick one of them."""
+    for folder in list_checkpoints(output_dir):
+        logger.warning(f"overwrite_output_dir: deleting the earlier run's {folder}")
+        shutil.rmtree(folder)
+
+
+def resume_command(config) -> str:
+    """The command line that resumes this run."""
+    source = config.source if config.source and config.source != "command line" else "CONFIG.json"
+    return f"python train.py --train_args_file {source} {RESUME_FLAG} true"
+
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks each checkpoint complete once every rank has saved it, then rotates old ones.
+
+    Rotation (save_total_limit) moves here from the Trainer, which would delete older
+    checkpoints before the new one is marked: a crash in between would leave none.
+    `take_rotation(args)` hands the limit over; call it once, before training.
+    """
+
+    def __init__(self):
+        self.save_total_limit: Optional[int] = None
+
+    def take_rotation(self, args) -> None:
+        self.save_total_limit, args.save_total_limit = args.save_total_limit, None
+
+    def _folder(self, args, state) -> Path:
+        return Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}"
+
+    def _unmark_upcoming(self, args, state, control) -> None:
+        # A folder about to be rewritten (resuming from an older checkpoint) is not complete meanwhile.
+        if control.should_save and args.should_save:
+            (self._folder(args, state) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._unmark_upcoming(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._unmark_upcoming(args, state, control)
+
+    def on_save(self, args, state, control, **kwargs):
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's files are on disk
+        if not args.should_save:
+            return
+        mark_complete(self._folder(args, state), state.global_step)
+        rotate_checkpoints(
+            output_dir=args.output_dir,
+            save_total_limit=self.save_total_limit,
+            best_model_checkpoint=state.best_model_checkpoint,
+            use_mtime=False,
+        )

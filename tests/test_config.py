@@ -1,0 +1,100 @@
+"""Config parsing: strict keys, types, CLI overrides, and errors before any output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from component.config import load_config, load_values
+from component.errors import USER_ERROR_EXIT_CODE, ConfigError
+from tests.conftest import ROOT, base_config, write_config
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_overrides_file_values(tmp_path, tiny_llama_dir):
+    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
+    config = load_config(["--train_args_file", str(cfg), "--learning_rate", "5e-5", "--num_train_epochs=2",
+                          "--lora_target_modules", "q_proj,v_proj", "--gradient_checkpointing"])
+    assert config.training.learning_rate == 5e-5
+    assert config.training.num_train_epochs == 2
+    assert config.method.lora_target_modules == ["q_proj", "v_proj"]
+    assert config.training.gradient_checkpointing is True
+    assert config.method.lora_rank == 8  # from the file
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path, tiny_llama_dir):
+    values = base_config(tiny_llama_dir, tmp_path / "out")
+    values["lerning_rate"] = 1e-4
+    cfg = write_config(tmp_path / "c.json", **values)
+    with pytest.raises(ConfigError) as err:
+        load_values(["--train_args_file", str(cfg)])
+    msg = str(err.value)
+    assert str(cfg) in msg and "'lerning_rate'" in msg and "did you mean 'learning_rate'" in msg
+
+
+def test_all_problems_reported_together(tmp_path, tiny_llama_dir):
+    values = base_config(tiny_llama_dir, tmp_path / "out", lora_rank="eight", fp16=True, bf16=True)
+    values["warmup_stepz"] = 3
+    cfg = write_config(tmp_path / "c.json", **values)
+    with pytest.raises(ConfigError) as err:
+        load_values(["--train_args_file", str(cfg), "--per_device_train_batch_size", "two"])
+    msg = str(err.value)
+    for needle in ("'lora_rank'", "expected an integer", "'warmup_stepz'", "did you mean 'warmup_steps'",
+                   "--per_device_train_batch_size"):
+        assert needle in msg, needle
+
+
+def test_conflicting_precision(tmp_path, tiny_llama_dir):
+    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", fp16=True, bf16=True))
+    with pytest.raises(ConfigError, match="'fp16' and 'bf16'"):
+        load_values(["--train_args_file", str(cfg)])
+
+
+def test_bad_choices_and_unknown_template(tmp_path, tiny_llama_dir):
+    values = base_config(tiny_llama_dir, tmp_path / "out", train_mode="qlor", template_name="chatlm")
+    cfg = write_config(tmp_path / "c.json", **values)
+    with pytest.raises(ConfigError) as err:
+        load_values(["--train_args_file", str(cfg)])
+    msg = str(err.value)
+    assert "'train_mode'" in msg and "'qlor'" in msg
+    assert "'template_name'" in msg and "did you mean 'chatml'" in msg
+
+
+def test_invalid_json_names_line(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{\n  "output_dir": "x",\n  "seed": ,\n}\n')
+    with pytest.raises(ConfigError, match=r"c\.json:3:"):
+        load_values(["--train_args_file", str(cfg)])
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"lerning_rate": 1e-4}, "did you mean 'learning_rate'"),
+        ({"lora_rank": "big"}, "'lora_rank'"),
+        ({"fp16": True, "bf16": True}, "'fp16' and 'bf16'"),
+    ],
+)
+def test_train_py_exits_nonzero_without_traceback_or_output_dir(tmp_path, tiny_llama_dir, change, needle):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.json", **{**base_config(tiny_llama_dir, out), **change})
+    proc = run_train("--train_args_file", str(cfg))
+    assert proc.returncode == USER_ERROR_EXIT_CODE
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir):
+    from component.config import save_config
+
+    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", hub_token="hf_secret"))
+    config = load_config(["--train_args_file", str(cfg)])
+    path = save_config(config, str(tmp_path))
+    text = path.read_text()
+    assert "hf_secret" not in text and '"lora_rank": 8' in text and '"template_name": "chatml"' in text

@@ -1,0 +1,69 @@
+"""script/evaluate.py: loss as training computes it, lower after training, one reply per prompt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import train
+from script import evaluate
+from tests.conftest import TINY_SFT, base_config, write_config
+
+MAX_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, tiny_llama_dir):
+    """A LoRA run of a few steps on the tiny file, with the Trainer's eval loss on that same file."""
+    tmp = tmp_path_factory.mktemp("eval-run")
+    values = base_config(tiny_llama_dir, tmp / "out", max_steps=6, max_prompt_length=64, max_seq_length=MAX_LEN,
+                         eval_file=str(TINY_SFT), eval_strategy="steps", eval_steps=6,
+                         per_device_eval_batch_size=8)
+    assert train.main(["--train_args_file", str(write_config(tmp / "config.json", **values))]) == 0
+    return tmp / "out"
+
+
+def run_evaluate(tmp_path, *argv) -> dict:
+    out = tmp_path / "metrics.json"
+    assert evaluate.main([*argv, "--output_json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_trained_model_has_lower_loss_than_base(tmp_path, tiny_llama_dir, trained_dir):
+    base = run_evaluate(tmp_path, "--model", str(tiny_llama_dir), "--template", "chatml",
+                        "--max_seq_length", str(MAX_LEN), "--eval_file", str(TINY_SFT))
+    tuned = run_evaluate(tmp_path, "--model", str(tiny_llama_dir), "--adapter", str(trained_dir),
+                         "--eval_file", str(TINY_SFT), "--batch_size", "3")
+    assert tuned["loss"] < base["loss"]
+    assert tuned["perplexity"] == pytest.approx(2.718281828 ** tuned["loss"])
+    # Same tokens, masks and loss as training: the Trainer's eval loss on this file (one batch of 8).
+    data = json.loads((trained_dir / "data_summary.json").read_text())
+    report = json.loads((trained_dir / "report.json").read_text())
+    assert tuned["examples"] == base["examples"] == data["examples"]
+    assert tuned["supervised_tokens"] == data["supervised_tokens"]
+    assert tuned["loss"] == pytest.approx(report["final_eval_loss"], abs=1e-4)
+
+
+def test_generate_to_writes_one_line_per_prompt(tmp_path, trained_dir):
+    lines = TINY_SFT.read_text().splitlines()[:3]
+    lines.append(json.dumps({"system": "Be brief.", "conversation": [{"human": "Only a prompt here."}]}))
+    eval_file = tmp_path / "mixed.jsonl"
+    eval_file.write_text("\n".join(lines) + "\n")
+    gen = tmp_path / "gen" / "replies.jsonl"
+    metrics = run_evaluate(tmp_path, "--model", str(trained_dir), "--eval_file", str(eval_file),
+                           "--generate_to", str(gen), "--max_new_tokens", "5", "--batch_size", "2")
+    rows = [json.loads(x) for x in gen.read_text().splitlines()]
+    assert metrics["generated"] == len(rows) == 4 and metrics["examples"] == 3
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["prompt"] == "What is two plus two?" and rows[0]["reference"] == "Two plus two is four."
+    assert [m["role"] for m in rows[2]["messages"]] == ["user", "assistant", "user"]
+    assert rows[3]["reference"] is None and rows[3]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert all(isinstance(r["reply"], str) for r in rows)
+
+
+def test_bad_line_is_reported_with_its_line(tmp_path, trained_dir, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(TINY_SFT.read_text().splitlines()[0] + "\n{\"conversation\": [{\"assistant\": \"x\"}]}\n")
+    assert evaluate.main(["--model", str(trained_dir), "--eval_file", str(bad)]) == 2
+    assert f"{bad}:2:" in capsys.readouterr().err

@@ -1,0 +1,162 @@
+"""Padding-free batches: exact layout, the same loss and gradients as padding, no dense mask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MistralConfig
+
+from component import padding_free
+from component.collator import PaddingCollator
+from component.config import load_config
+from component.errors import ConfigError
+from component.model import load_tokenizer
+from component.padding_free import SEGMENT_SDPA, PaddingFreeCollator, segment_bounds
+from component.sft import build_data
+from component.template import IGNORE_INDEX
+from tests.conftest import base_config, write_config
+from tests.tiny import tiny_model, tiny_tokenizer
+
+LENGTHS = (7, 12, 5, 9)
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def examples(vocab: int, lengths=LENGTHS, prompt: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return out
+
+
+def training_model(kind: str, tok):
+    model = tiny_model(kind, tokenizer=tok)
+    # As load_model does: with a cache, transformers stops detecting packed position_ids.
+    model.config.use_cache = False
+    return model
+
+
+def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(padded, packed):
+    (loss_a, grads_a), (loss_b, grads_b) = padded, packed
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], **TOL, msg=name)
+
+
+def test_collator_concatenates_without_padding():
+    feats = [{"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
+             {"input_ids": [20, 21], "labels": [20, 21]}]
+    batch = PaddingFreeCollator()(feats)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    # Each example's first token is never a target: it would be predicted from the previous example.
+    assert batch["labels"].tolist() == [[-100, 11, 12, -100, 21]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+    assert batch["max_length_q"] == 3
+    assert "attention_mask" not in batch
+
+
+def test_segment_bounds_from_positions_and_cu_seqlens():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    assert segment_bounds(pos) == [0, 3, 5, 9]
+    assert segment_bounds(pos, torch.tensor([0, 3, 5, 9])) == [0, 3, 5, 9]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_padding_free_matches_padded(kind):
+    tok = tiny_tokenizer()
+    model = training_model(kind, tok)
+    feats = examples(len(tok))
+    padded = loss_and_grads(model, PaddingCollator(tok.pad_token_id)(feats))
+    model.set_attn_implementation(SEGMENT_SDPA)
+    assert_same(padded, loss_and_grads(model, PaddingFreeCollator()(feats)))
+
+
+def test_transformers_default_attention_also_matches():
+    # The fallback for model types without a sequence-aware attention: a dense block mask, slower but exact.
+    tok = tiny_tokenizer()
+    model = training_model("llama", tok)
+    feats = examples(len(tok))
+    padded = loss_and_grads(model, PaddingCollator(tok.pad_token_id)(feats))
+    assert_same(padded, loss_and_grads(model, PaddingFreeCollator()(feats)))
+
+
+def test_sliding_window_is_kept_per_sequence():
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.config.use_cache = False
+    feats = examples(len(tok))
+    padded = loss_and_grads(model, PaddingCollator(tok.pad_token_id)(feats))
+    model.set_attn_implementation(SEGMENT_SDPA)
+    assert_same(padded, loss_and_grads(model, PaddingFreeCollator()(feats)))
+
+
+def test_no_dense_mask_and_attention_per_sequence(monkeypatch):
+    tok = tiny_tokenizer()
+    model = training_model("llama", tok)
+    model.set_attn_implementation(SEGMENT_SDPA)
+
+    def no_dense_mask(**_kwargs):
+        raise AssertionError("a dense mask was built for a padding-free batch")
+
+    seen = []
+    attend = padding_free._attend_segments
+
+    def spy(query, key, value, bounds, *args):
+        seen.append(list(bounds))
+        return attend(query, key, value, bounds, *args)
+
+    monkeypatch.setattr(padding_free, "sdpa_mask", no_dense_mask)
+    monkeypatch.setattr(padding_free, "_attend_segments", spy)
+    model(**PaddingFreeCollator()(examples(len(tok))))
+    assert seen == [[0, 7, 19, 24, 33]] * model.config.num_hidden_layers
+
+
+def test_padded_batch_through_segment_sdpa_is_unchanged():
+    tok = tiny_tokenizer()
+    model = training_model("llama", tok)
+    batch = PaddingCollator(tok.pad_token_id)(examples(len(tok)))
+    reference = loss_and_grads(model, batch)
+    model.set_attn_implementation(SEGMENT_SDPA)
+    assert_same(reference, loss_and_grads(model, batch))
+
+
+def _data(model_dir, tmp_path, **overrides):
+    path = write_config(tmp_path / "c.json", **base_config(model_dir, tmp_path / "out", **overrides))
+    config = load_config(["--train_args_file", str(path)])
+    return config, build_data(config, load_tokenizer(config.model))
+
+
+def test_collator_chosen_per_model_type(tiny_llama_dir, tiny_bloom_dir, tmp_path):
+    assert isinstance(_data(tiny_llama_dir, tmp_path)[1].collator, PaddingFreeCollator)
+    assert isinstance(_data(tiny_llama_dir, tmp_path, padding_free=False)[1].collator, PaddingCollator)
+    assert isinstance(_data(tiny_bloom_dir, tmp_path)[1].collator, PaddingCollator)
+    with pytest.raises(ConfigError, match="padding_free"):
+        _data(tiny_bloom_dir, tmp_path, padding_free=True)
+
+
+def test_training_run_uses_segment_attention(tiny_llama_dir, tmp_path):
+    from component.runner import run
+
+    config = load_config(["--train_args_file", str(write_config(
+        tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", train_mode="full")))])
+    trainer = run(config)
+    assert trainer.model.config._attn_implementation == SEGMENT_SDPA
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert SEGMENT_SDPA not in json.dumps(saved)  # later tools load the model without our registry

@@ -1,0 +1,126 @@
+"""QLoRA: 4-bit NF4 base + LoRA, trained on the CPU (bitsandbytes >= 0.49 runs 4-bit there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loguru import logger
+
+pytest.importorskip("bitsandbytes")
+
+import bitsandbytes as bnb  # noqa: E402
+
+from component import model_types, quantization  # noqa: E402
+from component import runner as runner_module  # noqa: E402
+from component.config import load_config  # noqa: E402
+from component.model import load_qlora_base  # noqa: E402
+from component.runner import run  # noqa: E402
+from tests.conftest import base_config, write_config  # noqa: E402
+
+
+def _config(tmp_path, model_dir, **overrides):
+    values = base_config(model_dir, tmp_path / "out", train_mode="qlora", max_prompt_length=64, **overrides)
+    return load_config(["--train_args_file", str(write_config(tmp_path / "c.json", **values))])
+
+
+def _losses(trainer) -> list[float]:
+    return [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+
+def _train_with_snapshot(monkeypatch, config):
+    """Run training, keeping a copy of the model's state right after loading."""
+    snapshot = {}
+    original = runner_module.load_model
+
+    def load_and_snapshot(cfg):
+        model = original(cfg)
+        snapshot.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(runner_module, "load_model", load_and_snapshot)
+    return run(config), snapshot
+
+
+def test_qlora_loss_falls_and_only_adapter_changes(tmp_path, tiny_llama_dir, monkeypatch):
+    trainer, before = _train_with_snapshot(monkeypatch, _config(tmp_path, tiny_llama_dir, max_steps=8))
+    model = trainer.model
+    assert quantization.count_quantized(model) == 14  # 7 linear layers x 2 blocks; lm_head stays
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0]
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed, "nothing was trained"
+    assert all("lora_" in k for k in changed), sorted(k for k in changed if "lora_" not in k)
+    lora_b = {k for k in before if "lora_B" in k}
+    assert lora_b and lora_b <= changed  # B starts at zero; every adapter learned
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_with_gradient_checkpointing(tmp_path, tiny_llama_dir, monkeypatch):
+    config = _config(tmp_path, tiny_llama_dir, max_steps=3, gradient_checkpointing=True)
+    trainer, before = _train_with_snapshot(monkeypatch, config)
+    after = trainer.model.state_dict()
+    lora_b = [k for k in before if "lora_B" in k]
+    assert all(not torch.equal(before[k], after[k]) for k in lora_b)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in _losses(trainer))
+
+
+def test_compute_dtype_follows_precision(tmp_path, tiny_llama_dir):
+    model = load_qlora_base(_config(tmp_path, tiny_llama_dir, bf16=True))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.compute_dtype == torch.bfloat16 for m in layers)
+    state = layers[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # NF4 with double quantization
+
+
+def test_quantization_skips_are_model_type_data(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setitem(model_types.MODEL_TYPES, "llama", model_types.ModelTypeInfo(quantization_skip=("down_proj",)))
+    model = load_qlora_base(_config(tmp_path, tiny_llama_dir))
+    mlp = model.model.layers[0].mlp
+    assert not isinstance(mlp.down_proj, bnb.nn.Linear4bit)
+    assert isinstance(mlp.up_proj, bnb.nn.Linear4bit)
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # the head stays unquantized too
+
+
+def test_each_rank_uses_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert quantization.rank_device_map() == {"": 3}
+
+
+def test_cpu_keeps_the_model_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert quantization.rank_device_map() == {"": "cpu"}
+
+
+def test_paged_optimizer_falls_back_with_one_warning(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(quantization, "paged_optimizers_available", lambda: False)
+    config = _config(tmp_path, tiny_llama_dir, optim="paged_adamw_8bit")
+    warnings: list[str] = []
+    sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
+    try:
+        quantization.apply_optimizer_fallback(config.training)
+        quantization.apply_optimizer_fallback(config.training)  # already replaced: no second warning
+    finally:
+        logger.remove(sink)
+    assert config.training.optim.value == "adamw_bnb_8bit"
+    assert len(warnings) == 1 and "paged_adamw_8bit" in warnings[0]
+
+
+def test_paged_optimizer_kept_where_supported(monkeypatch):
+    monkeypatch.setattr(quantization, "paged_optimizers_available", lambda: True)
+    assert quantization.fallback_optimizer("paged_adamw_32bit") is None
+    monkeypatch.setattr(quantization, "paged_optimizers_available", lambda: False)
+    assert quantization.fallback_optimizer("paged_adamw_32bit") == "adamw_torch"
+    assert quantization.fallback_optimizer("adamw_torch") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_trains_on_gpu(tmp_path, tiny_llama_dir, monkeypatch):
+    trainer, before = _train_with_snapshot(
+        monkeypatch, _config(tmp_path, tiny_llama_dir, max_steps=8, bf16=True, optim="paged_adamw_32bit")
+    )
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    losses = _losses(trainer)
+    assert losses[-1] < losses[0]
