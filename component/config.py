@@ -409,6 +409,11 @@ def _check_lora(values: dict[str, Any]) -> list[str]:
         problems.append(f"key 'lora_dropout': must be in [0, 1), got {dropout}")
     if values.get("train_mode") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("key 'train_mode': 'qlora' needs bitsandbytes; pip install bitsandbytes, or use 'lora'")
+    if values.get("train_mode") == "qlora" and str(values.get("model_name_or_path", "")).endswith(".gguf"):
+        problems.append(
+            "key 'train_mode': 'qlora' cannot load a .gguf file (transformers does not quantize GGUF "
+            "checkpoints); use 'lora', or save the model as safetensors first (see README, QLoRA)"
+        )
     return problems
 
 
@@ -428,16 +433,17 @@ def _check_lengths(values: dict[str, Any]) -> list[str]:
 
 
 def _check_template(values: dict[str, Any]) -> list[str]:
-    from component.template import AUTO_TEMPLATE, TEMPLATES
+    from component.template import AUTO_TEMPLATE, TEMPLATES, suggest_template
 
     name = values.get("template_name")
     task = values.get("task_type", "sft")
     if name is None:
-        if task == "pretrain":
+        if task in ("pretrain", "sft"):  # sft: the tokenizer's chat_template, checked when it is loaded
             return []
         return [f"key 'template_name' is required for task_type '{task}': one of {', '.join(sorted(TEMPLATES))}, or 'auto'"]
     if name != AUTO_TEMPLATE and name not in TEMPLATES:
-        return [f"key 'template_name': unknown template {name!r}{_suggest(name, sorted(TEMPLATES))}"]
+        hint = suggest_template(name)
+        return [f"key 'template_name': unknown template {name!r}{f' (did you mean {hint!r}?)' if hint else ''}"]
     return []
 
 

@@ -65,8 +65,10 @@ def _deepspeed_on_cpu_state(backend: str, timeout_s: int) -> None:
     Without a backend, accelerate records DeepSpeed runs on the CPU as a single
     process (num_processes 1), so the Trainer does not shard the data.
     """
-    from accelerate import PartialState
+    from accelerate.state import AcceleratorState, PartialState
 
+    # A state left by an earlier run in this process would keep its DeepSpeed plugin.
+    AcceleratorState._reset_state(reset_partial_state=True)
     os.environ[ACCELERATE_DEEPSPEED_ENV] = "true"
     try:
         PartialState(backend=backend, timeout=timedelta(seconds=timeout_s))
@@ -146,9 +148,9 @@ def deepspeed_problems(values: dict[str, Any]) -> list[str]:
             f"{where}: ZeRO-3 cannot shard QLoRA's 4-bit quantized weights (bitsandbytes Params4bit); "
             "use ZeRO-2 (train_args/ds_z2_config.json) with qlora, or train_mode 'lora' with ZeRO-3"
         )
-    if not has_gpu() and (values.get("fp16") or values.get("bf16")):
-        key = "fp16" if values.get("fp16") else "bf16"
+    if values.get("fp16") and not has_gpu():
         problems.append(
-            f"key '{key}': DeepSpeed on the CPU trains in fp32 only; set {key} false (or drop 'deepspeed')"
+            "key 'fp16': DeepSpeed has no fp16 on the CPU ('Type fp16 is not supported on your device'); "
+            "use bf16 or fp32 (fp16 false), or drop 'deepspeed'"
         )
     return problems

@@ -37,14 +37,36 @@ from component.config import VALIDATORS, Config
 from component.jsonl import Problem, raise_problems, read_jsonl
 from component.sft import TaskData
 from component.sft_data import SKIP_HINT
-from component.template import IGNORE_INDEX, Message, Rendered, Template, TemplateError, encode, render, resolve_template
+from component.template import (
+    IGNORE_INDEX,
+    Message,
+    Rendered,
+    Template,
+    TemplateError,
+    encode,
+    render,
+    resolve_template,
+)
 from component.trainer import default_callbacks
 
 ROLES = ("system", "user", "assistant")
 # trl 1.16's DPO loss types (DPOTrainer._compute_loss).
 DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
 )
 
 
@@ -61,7 +83,7 @@ class Pair(NamedTuple):
 
 def _messages(value: Any, key: str) -> Union[list[Message], str]:
     if not isinstance(value, list) or not value:
-        return f"'{key}' must be a non-empty list of {{\"role\": ..., \"content\": ...}} messages"
+        return f'\'{key}\' must be a non-empty list of {{"role": ..., "content": ...}} messages'
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
@@ -83,12 +105,16 @@ def _pair_from_messages(obj: dict) -> Union[Pair, str]:
         if side[-1].role != "assistant":
             return f"'{key}' must end with an assistant message, got {side[-1].role!r}"
     if len(chosen) != len(rejected):
-        return (f"'chosen' has {len(chosen)} messages and 'rejected' {len(rejected)}; they must share the history "
-                "and differ only in the last assistant message")
-    for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1])):
+        return (
+            f"'chosen' has {len(chosen)} messages and 'rejected' {len(rejected)}; they must share the history "
+            "and differ only in the last assistant message"
+        )
+    for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1], strict=True)):
         if a != b:
-            return (f"message {i} ({a.role}) differs between 'chosen' and 'rejected'; only the last assistant "
-                    "message may differ")
+            return (
+                f"message {i} ({a.role}) differs between 'chosen' and 'rejected'; only the last assistant "
+                "message may differ"
+            )
     if chosen[-1].content == rejected[-1].content:
         return "the chosen and rejected replies are identical"
     return Pair(chosen[:-1], chosen[-1].content, rejected[-1].content)
@@ -178,7 +204,7 @@ def truncate_pair(tokens: Tokens, max_len: int, max_prompt_len: int) -> tuple[Op
     if len(prompt) + longer <= max_len:
         return tokens, False
     keep = min(len(prompt), max(max_prompt_len, max_len - longer))
-    prompt = prompt[len(prompt) - keep:]
+    prompt = prompt[len(prompt) - keep :]
     budget = max_len - len(prompt)
     chosen, rejected = chosen[:budget], rejected[:budget]
     if budget < 1 or chosen == rejected:
@@ -212,8 +238,9 @@ class PreferenceData(NamedTuple):
     problems: list[Problem]
 
 
-def build_preference_dataset(path: str, template: Template, tokenizer, max_len: int, max_prompt_len: int,
-                             skip_invalid: bool = False) -> PreferenceData:
+def build_preference_dataset(
+    path: str, template: Template, tokenizer, max_len: int, max_prompt_len: int, skip_invalid: bool = False
+) -> PreferenceData:
     read = read_jsonl(path, pair_checker(template, tokenizer))
     if read.problems and not skip_invalid:
         raise_problems(path, read.problems, SKIP_HINT)
@@ -225,7 +252,7 @@ def build_preference_dataset(path: str, template: Template, tokenizer, max_len: 
         if tokens is None:
             dropped += 1
             continue
-        for key, value in zip(rows, tokens):
+        for key, value in zip(rows, tokens, strict=True):
             rows[key].append(value)
     if not rows["prompt_ids"]:
         raise_problems(path, read.problems + [Problem(path, 0, f"no pair fits max_seq_length={max_len}")])
@@ -243,8 +270,13 @@ def build_preference_dataset(path: str, template: Template, tokenizer, max_len: 
 
 def build_data(config: Config, tokenizer) -> TaskData:
     template = resolve_template(config.data.template_name, tokenizer)  # as SFT: named, or the tokenizer's own
-    args = dict(template=template, tokenizer=tokenizer, max_len=config.data.max_seq_length,
-                max_prompt_len=config.data.max_prompt_length, skip_invalid=config.data.skip_invalid_examples)
+    args = dict(
+        template=template,
+        tokenizer=tokenizer,
+        max_len=config.data.max_seq_length,
+        max_prompt_len=config.data.max_prompt_length,
+        skip_invalid=config.data.skip_invalid_examples,
+    )
     train = build_preference_dataset(config.data.train_file, **args)
     logger.info(f"train data {config.data.train_file}: {train.summary.describe()}")
     eval_ds = None
@@ -278,8 +310,17 @@ def dpo_args(config: Config):
     )
 
 
-def frozen_copy(model):
-    ref = copy.deepcopy(model)
+def frozen_copy(config: Config, model):
+    """The full-mode reference: the starting model, frozen."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from component.model import load_base_model, torch_dtype
+
+    if is_deepspeed_zero3_enabled():
+        # A ZeRO-3 model holds only this rank's shards: load the starting weights again instead.
+        ref = load_base_model(config.model, torch_dtype(config))
+    else:
+        ref = copy.deepcopy(model)
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -318,7 +359,7 @@ def build_trainer(config: Config, model, tokenizer, data: TaskData):
     args = dpo_args(config)
     ref_model = None
     if config.method.train_mode == "full" and not args.precompute_ref_log_probs:
-        ref_model = frozen_copy(model)
+        ref_model = frozen_copy(config, model)
     return _trainer_class()(
         model=model,
         ref_model=ref_model,
@@ -342,7 +383,9 @@ def check_dpo_values(values: dict[str, Any]) -> list[str]:
     losses = values.get("dpo_loss_type", ["sigmoid"])
     unknown = [x for x in losses if x not in DPO_LOSS_TYPES]
     if unknown or not losses:
-        problems.append(f"key 'dpo_loss_type': unknown {unknown or 'empty list'}; one or more of {', '.join(DPO_LOSS_TYPES)}")
+        problems.append(
+            f"key 'dpo_loss_type': unknown {unknown or 'empty list'}; one or more of {', '.join(DPO_LOSS_TYPES)}"
+        )
     weights = values.get("dpo_loss_weights")
     if weights is not None and len(weights) != len(losses):
         problems.append(f"key 'dpo_loss_weights': {len(weights)} weights for {len(losses)} loss types")

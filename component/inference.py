@@ -17,9 +17,10 @@ import importlib.util
 import json
 import queue
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
@@ -120,7 +121,9 @@ def load_base(model_dir: str, dtype: torch.dtype, load_in_4bit: bool = False) ->
     from component.quantization import keep_training_matmul, quantized_load_kwargs
 
     model_type = _load_or_explain(model_dir, lambda: read_model_type(args))
-    model = _load_or_explain(model_dir, lambda: load_base_model(args, dtype, **quantized_load_kwargs(model_type, dtype)))
+    model = _load_or_explain(
+        model_dir, lambda: load_base_model(args, dtype, **quantized_load_kwargs(model_type, dtype))
+    )
     keep_training_matmul(model)
     return model
 
@@ -138,7 +141,8 @@ def load_tokenizer_from(*dirs: Optional[str]):
 
     for d in dirs:
         if d and ((Path(d) / TOKENIZER_CONFIG).is_file() or not Path(d).is_dir()):
-            return _load_or_explain(d, lambda: load_tokenizer(ModelArguments(model_name_or_path=d)))
+            args = ModelArguments(model_name_or_path=d)
+            return _load_or_explain(d, lambda: load_tokenizer(args))  # noqa: B023 (called at once)
     raise InferenceError(f"no tokenizer found in {', '.join(d for d in dirs if d)}")
 
 
@@ -220,8 +224,9 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def _generation_config(loaded: LoadedModel, max_new_tokens: int, temperature: float, top_p: float,
-                       stop_ids: list[int]) -> GenerationConfig:
+def _generation_config(
+    loaded: LoadedModel, max_new_tokens: int, temperature: float, top_p: float, stop_ids: list[int]
+) -> GenerationConfig:
     tok = loaded.tokenizer
     sample = temperature > 0
     return GenerationConfig(
@@ -293,8 +298,9 @@ def _next_token(q: queue.Queue, cancel: Optional[threading.Event]):
             continue
 
 
-def _stream_text(tok, q: queue.Queue, stop_ids: set[int], stops: list[str], done: threading.Event,
-                 cancel: Optional[threading.Event]) -> Iterator[str]:
+def _stream_text(
+    tok, q: queue.Queue, stop_ids: set[int], stops: list[str], done: threading.Event, cancel: Optional[threading.Event]
+) -> Iterator[str]:
     generated: list[int] = []
     emitted = 0
     text = ""

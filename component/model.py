@@ -82,9 +82,9 @@ def detach_gguf_quantizer(model: PreTrainedModel) -> None:
     save_pretrained write a bogus quantization_config. The weights are
     ordinary float tensors, so the marker is dropped.
     """
-    model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
 
 
 def lora_targets(config: Config, model: PreTrainedModel):
@@ -178,6 +178,14 @@ def load_qlora_base(config: Config, **extra) -> PreTrainedModel:
     return quantization.prepare_for_training(model, config.training.gradient_checkpointing)
 
 
+def warn_precision(model_type: str, dtype: torch.dtype) -> None:
+    """Warn when a run's precision differs from the one its model type is known to train well in."""
+    recommended = model_type_info(model_type).recommended_dtype
+    if recommended and dtype != getattr(torch, recommended):
+        logger.warning(f"{model_type} models are recommended to train in {recommended}; this run uses {dtype} "
+                       "(set fp16 and bf16 to false for fp32)")
+
+
 def load_model(config: Config) -> PreTrainedModel:
     from component.quantization import apply_optimizer_fallback
 
@@ -187,6 +195,7 @@ def load_model(config: Config) -> PreTrainedModel:
     else:
         model = load_base_model(config.model, torch_dtype(config), **attention_kwargs(config))
     model.config.use_cache = False
+    warn_precision(model.config.model_type, torch_dtype(config))
     if config.method.train_mode in ("lora", "qlora"):
         model = apply_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

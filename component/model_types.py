@@ -73,23 +73,24 @@ MODEL_TYPES: dict[str, ModelTypeInfo] = {
 # embeddings (and lm_head) run as modules on both paths, but the
 # state-spaces/mamba-*-hf checkpoints tie them to one matrix: merging an
 # adapter on either rewrites both, so the merged model is not base+adapter
-# (measured: merged logits off by >100x). peft 0.21 refuses out_proj and
+# (measured in tests/test_mamba.py). peft 0.21 refuses out_proj and
 # conv1d on Mamba models outright (tuners_utils._check_lora_target_modules_mamba).
 # The fast path also ignores attention_mask, so only right padding is exact.
 # 4-bit QLoRA: dt_proj and lm_head must stay unquantized for the PyTorch path
 # to run at all (measured on the CPU: `dt_proj.weight @ x` on a packed 4-bit
 # tensor fails, as does the tied head); the fast path would also read x_proj's
 # and out_proj's packed weights raw, so they stay unquantized too.
-_KERNEL_BYPASS = "the CUDA fast path (mamba_ssm's mamba_inner_fn) reads {0}.weight directly, so its adapter is saved but never trained"
-_TIED_HEAD = ("is tied to the other of embeddings/lm_head in Mamba checkpoints: merging its adapter rewrites the "
-              "shared matrix, so the merged model's logits are not base+adapter")
+_KERNEL_BYPASS = ("the CUDA fast path (mamba_ssm's mamba_inner_fn) reads {0}.weight directly, "
+                  "so its adapter is saved but never trained")
+_TIED = ("it shares one matrix with {0} in Mamba checkpoints (tied weights), so merging its adapter also "
+         "changes {0}: the merged model's logits would not be base+adapter")
 MAMBA_REFUSED_LORA_TARGETS = (
     ("x_proj", _KERNEL_BYPASS.format("x_proj")),
-    ("dt_proj", _KERNEL_BYPASS.format("dt_proj") + "; the PyTorch path also reads it raw (dt_proj.weight @ x)"),
+    ("dt_proj", _KERNEL_BYPASS.format("dt_proj") + "; the PyTorch path reads it raw too (dt_proj.weight @ x)"),
     ("out_proj", "peft refuses it on Mamba models, and " + _KERNEL_BYPASS.format("out_proj")),
     ("conv1d", "peft refuses it on Mamba models, and both paths read conv1d.weight directly"),
-    ("embeddings", _TIED_HEAD),
-    ("lm_head", _TIED_HEAD),
+    ("embeddings", _TIED.format("lm_head")),
+    ("lm_head", _TIED.format("embeddings")),
 )
 MODEL_TYPES["mamba"] = ModelTypeInfo(
     lora_targets=("in_proj",),
@@ -132,10 +133,10 @@ def lora_target_problems(model_type: str, targets) -> list[str]:
     problems = []
     for name in names:
         if name == ALL_LINEAR:
-            hit = ", ".join(sorted(refused))
-            problems.append(f"key 'lora_target_modules': {ALL_LINEAR!r} would adapt modules that do not train on "
-                            f"{model_type} models ({hit}); leave the key unset for the default "
-                            f"({', '.join(model_type_info(model_type).lora_targets or ())})")
+            default = ", ".join(model_type_info(model_type).lora_targets or ())
+            problems.append(f"key 'lora_target_modules': {ALL_LINEAR!r} would include modules that cannot be "
+                            f"LoRA targets on {model_type} models (refused: {', '.join(sorted(refused))}); "
+                            f"leave the key unset for the default ({default})")
             continue
         module = name.rsplit(".", 1)[-1]
         if module in refused:

@@ -51,8 +51,10 @@ CACHE_META_FILE = "pretrain_meta.json"
 # random documents, compared packed and alone.
 PROBE_LENGTHS = (7, 5)
 PROBE_SEED = 1234
-# Largest |logit difference| accepted as "the same", by parameter dtype.
-ISOLATION_ATOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+# Largest |logit difference| accepted as "the same", relative to the largest |logit| (at least 1), by
+# dtype: kernels round differently for different lengths (SmolLM2 in fp32: ~1e-4 on logits of ~20),
+# while attending across a boundary moves logits by far more.
+ISOLATION_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 class PackingMode(str, enum.Enum):
@@ -214,8 +216,9 @@ def _save_atomically(dataset: Dataset, meta: dict, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_packed(path: str, tokenizer, max_len: int, cache_dir: Path, num_workers: int = 1,
-                skip_invalid: bool = False) -> PackedData:
+def load_packed(
+    path: str, tokenizer, max_len: int, cache_dir: Path, num_workers: int = 1, skip_invalid: bool = False
+) -> PackedData:
     """Packed blocks for `path`, from the cache when its key matches, else built and cached."""
     entry = cache_dir / f"pretrain-{cache_key(path, tokenizer, max_len)}"
     hit = (entry / CACHE_META_FILE).is_file()
@@ -231,9 +234,15 @@ def load_packed(path: str, tokenizer, max_len: int, cache_dir: Path, num_workers
         _save_atomically(dataset, meta, entry)
         dataset = load_from_disk(str(entry / "data"))  # memory-mapped, like a cache hit
     summary = PretrainSummary(
-        files=meta["files"], documents=meta["documents"], tokens=meta["tokens"], blocks=meta["blocks"],
-        last_block_tokens=meta["last_block_tokens"], max_seq_length=max_len, invalid_lines=len(problems),
-        cache_path=str(entry), cache_hit=hit,
+        files=meta["files"],
+        documents=meta["documents"],
+        tokens=meta["tokens"],
+        blocks=meta["blocks"],
+        last_block_tokens=meta["last_block_tokens"],
+        max_seq_length=max_len,
+        invalid_lines=len(problems),
+        cache_path=str(entry),
+        cache_hit=hit,
     )
     return PackedData(dataset, summary, problems)
 
@@ -272,7 +281,7 @@ class PackedCollator:
             position_ids[row, n:] -= n
         labels = input_ids.masked_fill(position_ids == 0, IGNORE_INDEX)
         for row, f in enumerate(features):
-            labels[row, len(f["input_ids"]):] = IGNORE_INDEX
+            labels[row, len(f["input_ids"]) :] = IGNORE_INDEX
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
         if self.mode == PackingMode.BLOCK_MASK:
             batch["attention_mask"] = self.block_mask(position_ids)
@@ -295,7 +304,7 @@ class PackedCollator:
         for f in features:
             ids, pos = list(f["input_ids"]), list(f["position_ids"])
             starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
-            rows += [ids[a:b] for a, b in zip(starts, starts[1:])]
+            rows += [ids[a:b] for a, b in zip(starts, starts[1:], strict=False)]
         longest = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -333,7 +342,7 @@ def documents_isolated(model, collator: PackedCollator) -> bool:
             if collator.mode == PackingMode.UNPACKED:
                 got = rows[1, : PROBE_LENGTHS[1]]
             else:
-                got = rows[0, PROBE_LENGTHS[0]:]
+                got = rows[0, PROBE_LENGTHS[0] :]
             alone = model(input_ids=docs[1][None].to(device), use_cache=False).logits[0]
     except Exception as exc:  # an attention that rejects this batch form cannot use it
         logger.info(f"packing mode {collator.mode.value}: not usable with this model ({type(exc).__name__}: {exc})")
@@ -341,9 +350,12 @@ def documents_isolated(model, collator: PackedCollator) -> bool:
     finally:
         model.train(was_training)
     diff = (got.float() - alone.float()).abs().max().item()
-    ok = diff <= ISOLATION_ATOL.get(dtype, ISOLATION_ATOL[torch.bfloat16])
-    logger.info(f"packing mode {collator.mode.value}: max |logit diff| packed vs alone = {diff:.3g} "
-                f"({'isolated' if ok else 'LEAKS across documents'})")
+    tolerance = ISOLATION_RTOL.get(dtype, ISOLATION_RTOL[torch.bfloat16]) * max(1.0, alone.float().abs().max().item())
+    ok = diff <= tolerance
+    logger.info(
+        f"packing mode {collator.mode.value}: max |logit diff| packed vs alone = {diff:.3g}, tolerance "
+        f"{tolerance:.3g} ({'isolated' if ok else 'LEAKS across documents'})"
+    )
     return ok
 
 
@@ -367,8 +379,9 @@ def choose_collator(model, pad_token_id: int, verify: bool = True) -> PackedColl
         if not verify or documents_isolated(model, collator):
             logger.info(f"pretrain packing: {mode.value}")
             return collator
-    logger.warning("pretrain packing: no packed form keeps documents apart on this model; "
-                   "each document gets its own padded row")
+    logger.warning(
+        "pretrain packing: no packed form keeps documents apart on this model; each document gets its own padded row"
+    )
     return PackedCollator(pad_token_id, PackingMode.UNPACKED)
 
 

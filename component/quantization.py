@@ -101,8 +101,7 @@ def apply_optimizer_fallback(training_args) -> None:
     if replacement is None:
         return
     logger.warning(
-        f"key 'optim': {current!r} needs paged GPU memory, which this device lacks; "
-        f"using {replacement!r} instead"
+        f"key 'optim': {current!r} needs paged GPU memory, which this device lacks; using {replacement!r} instead"
     )
     training_args.optim = OptimizerNames(replacement)
 

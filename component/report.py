@@ -24,15 +24,16 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from loguru import logger
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import ExportableState, ProgressCallback
 
 from component.config import is_main_process
 from component.template import IGNORE_INDEX
@@ -88,10 +89,12 @@ class TokenCounter:
         self.examples = 0
         self.real_tokens = 0
         self.supervised_tokens = 0
+        self.batches = 0  # micro-batches seen; 0 when the trainer does not call observe_batch
         self._pending: list = []
 
     def add(self, inputs: dict) -> None:
         self._pending.append(batch_counts(inputs))
+        self.batches += 1
 
     def flush(self, device: Optional[torch.device] = None) -> None:
         """Fold pending micro-batches into the totals, summed over processes when distributed."""
@@ -178,9 +181,9 @@ def plot_losses(log_history: list[dict], path: Path) -> Optional[Path]:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if train:
-        ax.plot(*zip(*train), color="tab:blue", marker="." if len(train) < 50 else None, label="train loss")
+        ax.plot(*zip(*train, strict=True), color="tab:blue", marker="." if len(train) < 50 else None, label="train loss")
     if evals:
-        ax.plot(*zip(*evals), color="tab:orange", marker="o", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), color="tab:orange", marker="o", label="eval loss")
     ax.set_xlabel("step")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
@@ -188,7 +191,7 @@ def plot_losses(log_history: list[dict], path: Path) -> Optional[Path]:
     handles, labels = ax.get_legend_handles_labels()
     if rates:
         lr_ax = ax.twinx()
-        lr_ax.plot(*zip(*rates), color="tab:green", linestyle="--", alpha=0.7, label="learning rate")
+        lr_ax.plot(*zip(*rates, strict=True), color="tab:green", linestyle="--", alpha=0.7, label="learning rate")
         lr_ax.set_ylabel("learning rate")
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         more_handles, more_labels = lr_ax.get_legend_handles_labels()
@@ -200,16 +203,21 @@ def plot_losses(log_history: list[dict], path: Path) -> Optional[Path]:
     return path
 
 
-class RunReportCallback(TrainerCallback):
-    """Counts, times and reports a training run; see the module docstring."""
+class RunReportCallback(TrainerCallback, ExportableState):
+    """Counts, times and reports a training run; see the module docstring.
+
+    Its counts travel in each checkpoint's trainer_state.json (ExportableState), so a
+    resumed run reports the whole run, not only the part since the resume."""
 
     def __init__(self):
         self.tokens = TokenCounter()
+        self.earlier_wall_time = 0.0  # seconds of training before the checkpoint resumed from
         self.started: Optional[float] = None
+        self.resumed_at_step = 0
         self.started_at: Optional[str] = None
         self.train_examples: Optional[int] = None
-        self.args = None
-        self.state = None
+        self.trainer_args = None
+        self.trainer_state = None
         self._bar = None
         self._bar_searched = False
 
@@ -222,17 +230,38 @@ class RunReportCallback(TrainerCallback):
 
     def tokens_per_second(self) -> Optional[float]:
         elapsed = self.elapsed()
-        return self.tokens.real_tokens / elapsed if elapsed else None
+        return self.tokens.real_tokens / elapsed if elapsed and self.tokens.batches else None
 
     def elapsed(self) -> Optional[float]:
-        return time.perf_counter() - self.started if self.started is not None else None
+        """Training wall time so far, earlier sessions of a resumed run included."""
+        if self.started is None:
+            return None
+        return self.earlier_wall_time + time.perf_counter() - self.started
+
+    def state(self) -> dict:
+        counts = {"examples": self.tokens.examples, "real_tokens": self.tokens.real_tokens,
+                  "supervised_tokens": self.tokens.supervised_tokens, "batches": self.tokens.batches,
+                  "wall_time_s": self.elapsed() or 0.0}
+        return {"args": {}, "attributes": {"saved_counts": counts}}
+
+    def resume_counts(self, state) -> None:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        counts = saved.get("attributes", {}).get("saved_counts") if isinstance(saved, dict) else None
+        if state.global_step > 0 and counts:
+            self.tokens.examples = counts["examples"]
+            self.tokens.real_tokens = counts["real_tokens"]
+            self.tokens.supervised_tokens = counts["supervised_tokens"]
+            self.tokens.batches = counts.get("batches", 0)
+            self.earlier_wall_time = counts["wall_time_s"]
 
     # -- events
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        self.args, self.state = args, state
+        self.trainer_args, self.trainer_state = args, state
         self.started = time.perf_counter()
         self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.resume_counts(state)
+        self.resumed_at_step = state.global_step
         dataset = getattr(train_dataloader, "dataset", None)
         try:
             self.train_examples = len(dataset) if dataset is not None else None
@@ -262,9 +291,10 @@ class RunReportCallback(TrainerCallback):
     # -- writing
 
     def report(self, status: str) -> dict[str, Any]:
-        state, args = self.state, self.args
+        state, args = self.trainer_state, self.trainer_args
         elapsed = self.elapsed()
         history = state.log_history if state is not None else []
+        counted = self.tokens.batches > 0
         return {
             "status": status,
             "started_at": self.started_at,
@@ -272,13 +302,15 @@ class RunReportCallback(TrainerCallback):
             "wall_time_s": round(elapsed, 2) if elapsed is not None else None,
             "global_step": state.global_step if state else 0,
             "max_steps": state.max_steps if state else None,
+            "resumed_at_step": self.resumed_at_step,
             "epoch": round(state.epoch, 4) if state and state.epoch is not None else None,
             "num_train_epochs": args.num_train_epochs if args else None,
             "train_examples": self.train_examples,
-            "examples_seen": self.tokens.examples,
-            "real_tokens_seen": self.tokens.real_tokens,
-            "supervised_tokens_seen": self.tokens.supervised_tokens,
-            "real_tokens_per_second": round(self.tokens_per_second() or 0.0, 1) if elapsed else None,
+            # None where this trainer does not show its batches (observe_batch), rather than a false 0.
+            "examples_seen": self.tokens.examples if counted else None,
+            "real_tokens_seen": self.tokens.real_tokens if counted else None,
+            "supervised_tokens_seen": self.tokens.supervised_tokens if counted else None,
+            "real_tokens_per_second": round(self.tokens_per_second() or 0.0, 1) if counted and elapsed else None,
             **loss_summary(history),
             **peak_memory(),
             "device": str(args.device) if args else None,
@@ -288,13 +320,13 @@ class RunReportCallback(TrainerCallback):
 
     def write(self, status: str) -> Optional[Path]:
         """Write report.json and loss.png to output_dir (main process only); never raises."""
-        if self.args is None or not is_main_process() or (self.state and not self.state.is_world_process_zero):
+        if self.trainer_args is None or not is_main_process() or (self.trainer_state and not self.trainer_state.is_world_process_zero):
             return None
-        out = Path(self.args.output_dir)
+        out = Path(self.trainer_args.output_dir)
         try:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / REPORT_FILE, self.report(status))
-            plot_losses(self.state.log_history if self.state else [], out / PLOT_FILE)
+            plot_losses(self.trainer_state.log_history if self.trainer_state else [], out / PLOT_FILE)
         except Exception as exc:  # a report must never be the reason a run fails
             logger.warning(f"could not write the run report to {out}: {exc}")
             return None
@@ -306,8 +338,12 @@ def report_callback(trainer) -> Optional[RunReportCallback]:
 
 
 def describe_exit(exc: BaseException) -> str:
+    from component.safety import TrainingInterrupted
+
     if isinstance(exc, KeyboardInterrupt):
         return STATUS_INTERRUPTED
+    if isinstance(exc, TrainingInterrupted):  # a signal; the message says how to resume
+        return f"{STATUS_INTERRUPTED}: {str(exc).splitlines()[0]}"
     if isinstance(exc, SystemExit):
         return f"{STATUS_INTERRUPTED} (exit {exc.code})"
     return f"error: {type(exc).__name__}: {exc}"

@@ -45,6 +45,12 @@ PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 TRAINER_STATE_PICKLES = re.compile(r"^(optimizer|scheduler|scaler|rng_state(_\d+)?)\.(pt|pth)$|^training_args\.bin$")
 SAFETENSORS_HEADER_BYTES = 8
 RESUME_FLAG = "--resume_from_checkpoint"
+# Settings that may change between a run and its resumption without changing what it computes.
+RESUME_NEUTRAL_KEYS = frozenset({
+    "resume_from_checkpoint", "overwrite_output_dir", "config_file", "max_nonfinite_steps", "allow_pickle_weights",
+    "logging_dir", "logging_steps", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
+    "tokenize_num_workers", "dataloader_num_workers", "eval_steps", "eval_file",
+})
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -198,6 +204,23 @@ def _explicit_checkpoint(config, value: str) -> Path:
     return path
 
 
+def changed_settings(config) -> list[str]:
+    """Settings that differ from the run being resumed (its saved config), as `key: old -> new`."""
+    from component.config import RESOLVED_CONFIG_NAME  # config imports this module's users
+
+    saved_path = Path(config.training.output_dir) / RESOLVED_CONFIG_NAME
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        return []
+    now = json.loads(json.dumps(config.to_dict(), default=str))
+    return [
+        f"{key}: {saved[key]!r} -> {now[key]!r}"
+        for key in sorted(set(saved) & set(now))
+        if saved[key] != now[key] and key not in RESUME_NEUTRAL_KEYS
+    ]
+
+
 def resolve_resume(config) -> Optional[str]:
     """The checkpoint to resume from, or None for a fresh run; raises ConfigError with the way out."""
     value = config.method.resume_from_checkpoint
@@ -222,6 +245,12 @@ def resolve_resume(config) -> Optional[str]:
     problem = pickle_problem(path, "checkpoint", config.model.allow_pickle_weights)
     if problem:
         raise ConfigError(f"{config.source}: key 'resume_from_checkpoint': {problem}")
+    changes = changed_settings(config)
+    if changes:
+        logger.warning(
+            "resuming with settings that differ from the interrupted run, so it will not reproduce it: "
+            + "; ".join(changes[:10])
+        )
     logger.info(f"resuming from {path} (step {checkpoint_step(path)})")
     return str(path)
 

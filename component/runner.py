@@ -19,7 +19,7 @@ from component.model import load_model, load_tokenizer
 from component.outputs import check_output_dir, write_meta
 from component.report import report_on_exit
 from component.resume import remove_checkpoints, resolve_resume
-from component.safety import add_safety_callbacks, raise_if_interrupted
+from component.safety import add_safety_callbacks, handlers_restored, raise_if_interrupted
 from component.sft_data import save_problems, save_summary
 from component.trainer import FinetuneTrainer, default_callbacks
 
@@ -68,7 +68,7 @@ def run(config: Config) -> Trainer:
     model = load_model(config)
     trainer = TASK_TRAINERS.get(config.method.task_type, build_trainer)(config, model, tokenizer, data)
     add_safety_callbacks(trainer, config.method.max_nonfinite_steps)
-    with report_on_exit(trainer):  # report.json also when training stops on an error or a signal
+    with report_on_exit(trainer), handlers_restored(trainer):  # report.json also on an error or a signal
         trainer.train(resume_from_checkpoint=resume)
         raise_if_interrupted(trainer, config)  # a signal: checkpoint saved; say how to resume, exit non-zero
     trainer.save_model(out)

@@ -19,6 +19,8 @@ import math
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
@@ -116,6 +118,17 @@ class InterruptCallback(TrainerCallback):
 
 def find_callback(trainer, cls: type) -> Optional[Any]:
     return next((c for c in trainer.callback_handler.callbacks if isinstance(c, cls)), None)
+
+
+@contextmanager
+def handlers_restored(trainer) -> Iterator[None]:
+    """Around `trainer.train()`: the previous signal handlers come back however training ends."""
+    try:
+        yield
+    finally:
+        callback = find_callback(trainer, InterruptCallback)
+        if callback is not None:
+            callback.restore()
 
 
 def raise_if_interrupted(trainer, config) -> None:

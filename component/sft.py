@@ -14,7 +14,7 @@ from component.model import read_model_type
 from component.model_types import model_type_info
 from component.padding_free import PaddingFreeCollator, padding_free_enabled, padding_free_problem
 from component.sft_data import DataSummary, build_sft_dataset
-from component.template import get_template
+from component.template import pad_eos_note, resolve_template
 
 
 class TaskData(NamedTuple):
@@ -28,7 +28,8 @@ class TaskData(NamedTuple):
 
 
 def build_data(config: Config, tokenizer) -> TaskData:
-    template = get_template(config.data.template_name)
+    # Named or the tokenizer's own ('auto', or no template_name); refused where tokens are missing.
+    template = resolve_template(config.data.template_name, tokenizer, config.model.model_name_or_path)
     args = dict(
         template=template,
         tokenizer=tokenizer,
@@ -38,6 +39,9 @@ def build_data(config: Config, tokenizer) -> TaskData:
     )
     train = build_sft_dataset(config.data.train_file, **args)
     logger.info(f"train data {config.data.train_file}: {train.summary.describe()}")
+    note = pad_eos_note(template, tokenizer, train.dataset[0]["labels"])
+    if note:
+        logger.log(note[0].upper(), note[1])
     eval_ds = None
     if config.data.eval_file:
         ev = build_sft_dataset(config.data.eval_file, **args)

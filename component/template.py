@@ -27,8 +27,11 @@ pinned strings and ids) is listed in the `source` of each entry.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional, Sequence, Union
+from typing import Literal, NamedTuple, Optional, Union
+
+from component.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
 AUTO_TEMPLATE = "auto"
@@ -53,8 +56,8 @@ class Encoded(NamedTuple):
     labels: list[int]
 
 
-class TemplateError(ValueError):
-    """A conversation cannot be rendered with this template."""
+class TemplateError(DataError, ValueError):
+    """A conversation cannot be rendered with this template (a user error: no traceback)."""
 
 
 @dataclass(frozen=True)
@@ -462,7 +465,26 @@ def get_template(name: str) -> Template:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise TemplateError(f"unknown template {name!r}; known: {', '.join(sorted(TEMPLATES))}") from None
+        hint = suggest_template(name)
+        hint = f" (did you mean {hint!r}?)" if hint else ""
+        raise TemplateError(f"unknown template {name!r}{hint}; known: {', '.join(sorted(TEMPLATES))}") from None
+
+
+def suggest_template(name: str) -> Optional[str]:
+    """The closest template name by edit distance (a swap of two letters counts once), if close."""
+    best = min(sorted(TEMPLATES), key=lambda known: _edit_distance(name.lower(), known))
+    return best if _edit_distance(name.lower(), best) <= max(1, len(name) // 3) else None
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions, adjacent swaps."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 # ---------------------------------------------------------------- rendering
@@ -478,7 +500,7 @@ def conversation_messages(conversation: Sequence[dict], system: Optional[str] = 
 
 
 def render(
-    template: Union[Template, "AutoTemplate"], tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False
+    template: Union[Template, AutoTemplate], tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False
 ) -> Rendered:
     """Render messages to text, recording the supervised spans (assistant replies + end-of-turn)."""
     if isinstance(template, AutoTemplate):
@@ -492,7 +514,8 @@ def render(
         parts.append(_fill(template.system_format, tokenizer, _clean(template, system)))
     folded = system if template.system_mode == "fold" else None
     pos = sum(len(p) for p in parts)
-    last_assistant = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=-1)
+    # Qwen3's think block goes before a reply that ends the conversation, not before history.
+    last_assistant = len(turns) - 1 if turns and turns[-1].role == "assistant" else -1
     for i, message in enumerate(turns):
         if message.role == "user":
             text = _user_text(template, tokenizer, message.content, folded if i == 0 else None, i // 2 + 1)
@@ -700,8 +723,6 @@ def resolve_template(name: Optional[str], tokenizer, where: str = "the tokenizer
     tokens would start as untrained embeddings, and under LoRA they would not be trained or saved
     unless the embeddings were too.
     """
-    from component.errors import ConfigError
-
     try:
         if name is None or name == AUTO_TEMPLATE:
             return auto_template(tokenizer, where)

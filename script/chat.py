@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,8 +34,12 @@ STOPPED_NOTE = " [stopped]"
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="Model folder (full or merged), hub id or .gguf; "
-                   "with --adapter, the base model. An adapter folder alone also works.")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Model folder (full or merged), hub id or .gguf; "
+        "with --adapter, the base model. An adapter folder alone also works.",
+    )
     p.add_argument("--adapter", help="LoRA/QLoRA adapter folder to apply to --model.")
     p.add_argument("--prompt", help="One-shot: print the reply to this message and exit.")
     p.add_argument("--system", help="System prompt.")
@@ -47,18 +52,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def stream_reply(loaded: LoadedModel, messages: list[Message], args: argparse.Namespace,
-                 out: TextIO = sys.stdout) -> tuple[str, bool]:
+def stream_reply(
+    loaded: LoadedModel, messages: list[Message], args: argparse.Namespace, out: TextIO = sys.stdout
+) -> tuple[str, bool]:
     """Write the reply as it streams; returns (reply, whether Ctrl-C stopped it)."""
     pieces: list[str] = []
-    stream = generate(loaded, messages, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p)
+    stream = generate(
+        loaded, messages, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p
+    )
     interrupted = False
     try:
         for piece in stream:
-            pieces.append(piece)
             out.write(piece)
             out.flush()
+            pieces.append(piece)  # the reply kept in the history is what was shown
     except KeyboardInterrupt:
         interrupted = True
         out.write(STOPPED_NOTE)
@@ -73,10 +80,13 @@ def system_messages(args: argparse.Namespace) -> list[Message]:
     return [Message("system", args.system)] if args.system else []
 
 
-def interactive(loaded: LoadedModel, args: argparse.Namespace, read: Callable[[str], str] = input,
-                out: TextIO = sys.stdout) -> None:
-    out.write(f"chatting with {loaded.name} (template {loaded.template.name}); "
-              f"{RESET_COMMAND} clears the history, {EXIT_COMMANDS[0]} or Ctrl-D quits, Ctrl-C stops a reply\n")
+def interactive(
+    loaded: LoadedModel, args: argparse.Namespace, read: Callable[[str], str] = input, out: TextIO = sys.stdout
+) -> None:
+    out.write(
+        f"chatting with {loaded.name} (template {loaded.template.name}); "
+        f"{RESET_COMMAND} clears the history, {EXIT_COMMANDS[0]} or Ctrl-D quits, Ctrl-C stops a reply\n"
+    )
     history = system_messages(args)
     while True:
         try:

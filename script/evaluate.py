@@ -21,9 +21,10 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -199,7 +200,7 @@ def write_generations(path: str, records: Sequence[EvalRecord], replies: Iterato
     written = 0
     with open(path, "w", encoding="utf-8") as f:
         # replies first: zip then drains the generator, which closes its progress bar.
-        for i, (reply, record) in enumerate(zip(replies, records)):
+        for i, (reply, record) in enumerate(zip(replies, records, strict=True)):
             messages = prompt_messages(record)
             line = {
                 "index": i,

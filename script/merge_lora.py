@@ -48,8 +48,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="QLoRA only: merge into the dequantized 4-bit weights the adapter was trained against "
         "(default, exact) or into the original weights.",
     )
-    p.add_argument("--skip_check", action="store_true",
-                   help="QLoRA only: measure the chosen merge base only (saves one model copy of memory).")
+    p.add_argument(
+        "--skip_check",
+        action="store_true",
+        help="QLoRA only: measure the chosen merge base only (saves one model copy of memory).",
+    )
     return p.parse_args(argv)
 
 

@@ -29,9 +29,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,6 +57,7 @@ FALLBACK_CONTEXT_LENGTH = 2048  # for models whose config states no maximum (e.g
 CONTEXT_CONFIG_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 4
+DEFAULT_MAX_QUEUE = 32  # requests waiting for the model beyond this get 429
 # OpenAI's "developer" role is its newer name for "system".
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 GenerateFn = Callable[..., Any]
@@ -145,9 +148,17 @@ class Service:
     model_id: str
     context_length: int
     generate_fn: GenerateFn = generate
+    max_queue: int = DEFAULT_MAX_QUEUE
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("requests", "completed", "cancelled", "failed", "active", "max_active"), 0))
+        ("requests", "completed", "cancelled", "failed", "active", "max_active", "waiting"), 0))
+
+    def admit(self) -> None:
+        """Count a request in, or refuse it when too many already wait for the model."""
+        if self.stats["waiting"] >= self.max_queue:
+            raise ApiError(429, f"the server is busy: {self.stats['waiting']} requests are waiting; retry later",
+                           kind="server_busy", code="server_busy")
+        self.stats["requests"] += 1
 
     def prepare(self, req: ChatRequest) -> Prepared:
         messages = []
@@ -187,13 +198,21 @@ class Service:
                  "total_tokens": p.prompt_tokens + completion}
         return usage, finish
 
-    def begin(self) -> None:
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Wait for the model (first come, first served), then hold it."""
+        self.stats["waiting"] += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.stats["waiting"] -= 1
         self.stats["active"] += 1
         self.stats["max_active"] = max(self.stats["max_active"], self.stats["active"])
-
-    def end(self, outcome: str) -> None:
-        self.stats["active"] -= 1
-        self.stats[outcome] += 1
+        try:
+            yield
+        finally:
+            self.stats["active"] -= 1
+            self.lock.release()
 
 
 def completion_id() -> str:
@@ -203,15 +222,14 @@ def completion_id() -> str:
 async def complete(service: Service, p: Prepared) -> dict:
     """A non-streaming completion, generated under the lock in a worker thread."""
     cancel = threading.Event()
-    async with service.lock:
-        service.begin()
+    async with service.turn():
         outcome = "failed"
         try:
             reply = await anyio.to_thread.run_sync(lambda: "".join(service.pieces(p, cancel)))
             outcome = "completed"
         finally:
             cancel.set()
-            service.end(outcome)
+            service.stats[outcome] += 1
     usage, finish = service.usage(p, reply)
     return {
         "id": completion_id(),
@@ -254,8 +272,7 @@ async def stream(service: Service, p: Prepared) -> AsyncIterator[str]:
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, _END)
 
-    async with service.lock:
-        service.begin()
+    async with service.turn():
         outcome, parts = "cancelled", []
         worker = loop.run_in_executor(None, work)
         try:
@@ -281,7 +298,7 @@ async def stream(service: Service, p: Prepared) -> AsyncIterator[str]:
             cancel.set()
             with anyio.CancelScope(shield=True):
                 await worker
-            service.end(outcome)
+            service.stats[outcome] += 1
             if outcome == "cancelled":
                 logger.info("client went away: generation stopped")
 
@@ -335,7 +352,7 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         prepared = service.prepare(await parse_request(request))
-        service.stats["requests"] += 1
+        service.admit()
         if prepared.request.stream:
             return EventStream(stream(service, prepared), headers={"Cache-Control": "no-cache"})
         return await complete(service, prepared)
@@ -383,7 +400,7 @@ def model_id(model: Optional[str], adapter: Optional[str]) -> str:
 def build_service(args: argparse.Namespace) -> Service:
     loaded = load_for_inference(args.model, args.adapter, args.template, args.dtype, args.load_in_4bit)
     service = Service(loaded, args.model_id or model_id(args.model, args.adapter),
-                      context_length(loaded, args.context_length))
+                      context_length(loaded, args.context_length), max_queue=args.max_queue)
     logger.info(f"serving {loaded.name} as {service.model_id!r}: template {loaded.template.name}, "
                 f"context {service.context_length} tokens")
     return service
@@ -398,6 +415,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--template", help="chat template; default: the one the run saved")
     p.add_argument("--model_id", help="name shown by /v1/models; default: the folder's name")
     p.add_argument("--context_length", type=int, help="default: the model config's maximum positions")
+    p.add_argument("--max_queue", type=int, default=DEFAULT_MAX_QUEUE, help="waiting requests before 429")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--load_in_4bit", action="store_true", help="load the base model in 4 bits (GPU)")
     return p.parse_args(argv)

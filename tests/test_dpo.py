@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from component.config import load_config
 from component.dpo import Tokens, build_preference_dataset, check_pair, dpo_args, tokenize_pair, truncate_pair
@@ -31,8 +30,17 @@ def write_lines(path: Path, rows) -> Path:
 
 
 def dpo_config(model_dir: Path, out: Path, train_file: Path, **overrides) -> dict:
-    values = base_config(model_dir, out, task_type="dpo", train_file=str(train_file), max_seq_length=96,
-                         max_prompt_length=32, per_device_train_batch_size=4, max_steps=8, dpo_beta=0.1)
+    values = base_config(
+        model_dir,
+        out,
+        task_type="dpo",
+        train_file=str(train_file),
+        max_seq_length=96,
+        max_prompt_length=32,
+        per_device_train_batch_size=4,
+        max_steps=8,
+        dpo_beta=0.1,
+    )
     values.update(overrides)
     return values
 
@@ -57,8 +65,10 @@ def test_malformed_lines_are_reported_as_file_and_line(tmp_path):
         {"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": msgs(("user", "a"), ("user", "c"))},
         {"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": msgs(("user", "a"), ("assistant", "b"))},
         {"chosen": msgs(("user", "a"), ("bot", "b")), "rejected": msgs(("user", "a"), ("assistant", "c"))},
-        {"chosen": msgs(("user", "a"), ("assistant", "x"), ("assistant", "b")),
-         "rejected": msgs(("user", "a"), ("assistant", "x"), ("assistant", "c"))},
+        {
+            "chosen": msgs(("user", "a"), ("assistant", "x"), ("assistant", "b")),
+            "rejected": msgs(("user", "a"), ("assistant", "x"), ("assistant", "c")),
+        },
         {"prompt": "q", "chosen": "", "rejected": "r"},
         {"prompt": "q", "chosen": "c", "rejected": "r", "score": 1},
     ]
@@ -89,10 +99,16 @@ def test_malformed_lines_are_reported_as_file_and_line(tmp_path):
 def test_pair_tokens_are_exactly_the_sft_rendering():
     tok = tiny_tokenizer()
     template = get_template("chatml")
-    history = [Message("system", "Be brief."), Message("user", "What is two plus two?"),
-               Message("assistant", "Four."), Message("user", "And two plus three?")]
-    row = {"chosen": [m._asdict() for m in history] + [{"role": "assistant", "content": "Five."}],
-           "rejected": [m._asdict() for m in history] + [{"role": "assistant", "content": "Six."}]}
+    history = [
+        Message("system", "Be brief."),
+        Message("user", "What is two plus two?"),
+        Message("assistant", "Four."),
+        Message("user", "And two plus three?"),
+    ]
+    row = {
+        "chosen": [m._asdict() for m in history] + [{"role": "assistant", "content": "Five."}],
+        "rejected": [m._asdict() for m in history] + [{"role": "assistant", "content": "Six."}],
+    }
     tokens = tokenize_pair(check_pair(row), template, tok)
     assert tokens.prompt == tok(generation_prompt(template, tok, history), add_special_tokens=False)["input_ids"]
     assert tok.decode(tokens.chosen) == "Five.<|im_end|>"
@@ -100,15 +116,19 @@ def test_pair_tokens_are_exactly_the_sft_rendering():
     # The SFT encoding of the same conversation: the prompt is its unlabeled head, the reply its labels.
     sft = encode_messages(template, tok, [*history, Message("assistant", "Five.")])
     assert sft.input_ids[: len(tokens.prompt) + len(tokens.chosen)] == tokens.prompt + tokens.chosen
-    assert [x for x in sft.labels[len(tokens.prompt):] if x != -100][: len(tokens.chosen)] == tokens.chosen
+    assert [x for x in sft.labels[len(tokens.prompt) :] if x != -100][: len(tokens.chosen)] == tokens.chosen
 
 
 def test_string_form_equals_message_form():
     tok = tiny_tokenizer()
     template = get_template("smollm")  # injects its default system prompt in both forms
     a = check_pair({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."})
-    b = check_pair({"chosen": msgs(("user", "Hi?"), ("assistant", "Hello.")),
-                    "rejected": msgs(("user", "Hi?"), ("assistant", "Go."))})
+    b = check_pair(
+        {
+            "chosen": msgs(("user", "Hi?"), ("assistant", "Hello.")),
+            "rejected": msgs(("user", "Hi?"), ("assistant", "Go.")),
+        }
+    )
     assert tokenize_pair(a, template, tok) == tokenize_pair(b, template, tok)
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(tokenize_pair(a, template, tok).prompt)
 
@@ -126,15 +146,22 @@ def test_truncation_cuts_the_prompt_from_the_left_then_the_replies_from_the_righ
 
 def test_dataset_counts_truncated_and_dropped_pairs(tmp_path):
     same_start = "word " * 30
-    path = write_lines(tmp_path / "p.jsonl", [
-        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."},
-        {"prompt": "Long " * 40, "chosen": "Yes.", "rejected": "No."},
-        {"prompt": "Hi?", "chosen": same_start + "good", "rejected": same_start + "bad"},
-    ])
+    path = write_lines(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go."},
+            {"prompt": "Long " * 40, "chosen": "Yes.", "rejected": "No."},
+            {"prompt": "Hi?", "chosen": same_start + "good", "rejected": same_start + "bad"},
+        ],
+    )
     data = build_preference_dataset(str(path), get_template("chatml"), tiny_tokenizer(), 40, 16)
     assert data.summary.pairs == 2 and data.summary.truncated == 2 and data.summary.dropped_after_truncation == 1
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in
-               zip(data.dataset["prompt_ids"], data.dataset["chosen_ids"], data.dataset["rejected_ids"])]
+    lengths = [
+        len(p) + max(len(c), len(r))
+        for p, c, r in zip(
+            data.dataset["prompt_ids"], data.dataset["chosen_ids"], data.dataset["rejected_ids"], strict=True
+        )
+    ]
     assert max(lengths) <= 40
 
 
@@ -142,8 +169,10 @@ def test_dataset_counts_truncated_and_dropped_pairs(tmp_path):
 
 
 def test_dpo_options_are_checked_and_trl_defaults_follow_our_config(tiny_llama_dir, tmp_path):
-    bad = write_config(tmp_path / "bad.json", **dpo_config(tiny_llama_dir, tmp_path / "o", SAMPLE, dpo_beta=0,
-                                                           dpo_loss_type=["sigmoid", "nope"]))
+    bad = write_config(
+        tmp_path / "bad.json",
+        **dpo_config(tiny_llama_dir, tmp_path / "o", SAMPLE, dpo_beta=0, dpo_loss_type=["sigmoid", "nope"]),
+    )
     with pytest.raises(ConfigError) as err:
         load_config(["--train_args_file", str(bad)])
     assert "key 'dpo_beta': must be positive" in str(err.value)
@@ -169,11 +198,11 @@ def _train_and_score(config: dict, tmp_path: Path):
 def _assert_learned(logs, scored):
     losses = [h["loss"] for h in logs]
     assert abs(losses[0] - LN2) < 0.01, losses  # policy == reference at the first step
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert sum(losses[-4:]) / 4 < losses[0] - 0.03, losses  # per-batch losses are noisy: a late average
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert key in logs[-1], logs[-1]
     assert scored["eval_rewards/accuracies"] > 0.5, scored
-    assert scored["eval_loss"] < LN2 and scored["eval_rewards/margins"] > 0, scored
+    assert scored["eval_loss"] < LN2 - 0.05 and scored["eval_rewards/margins"] > 0, scored
 
 
 def test_dpo_full_learns_against_a_frozen_copy(tiny_llama_dir, tmp_path, train_pairs):

@@ -23,6 +23,7 @@ from component.jsonl import read_jsonl
 from component.sft_data import check_conversation, read_conversations
 
 CASES = 500
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # big reprs of big inputs
 FUZZ = settings(
     max_examples=CASES,
     deadline=None,

@@ -41,8 +41,14 @@ def write_docs(path: Path, texts: list[str]) -> Path:
 
 
 def pretrain_config(model_dir: Path, out: Path, **overrides) -> dict:
-    values = base_config(model_dir, out, task_type="pretrain", train_file=str(SAMPLE), max_seq_length=64,
-                         data_cache_dir=str(out.parent / "cache"))
+    values = base_config(
+        model_dir,
+        out,
+        task_type="pretrain",
+        train_file=str(SAMPLE),
+        max_seq_length=64,
+        data_cache_dir=str(out.parent / "cache"),
+    )
     values.pop("template_name")
     values.update(overrides)
     return values
@@ -54,8 +60,11 @@ def pretrain_config(model_dir: Path, out: Path, **overrides) -> dict:
 def test_pack_restarts_positions_and_keeps_the_remainder():
     flat = np.arange(100, 123)  # 23 tokens: documents of 4, 11 and 8 tokens
     blocks = pack(flat, np.array([0, 4, 15]), max_len=8)
-    assert [b.tolist() for b in blocks["input_ids"]] == [list(range(100, 108)), list(range(108, 116)),
-                                                         list(range(116, 123))]
+    assert [b.tolist() for b in blocks["input_ids"]] == [
+        list(range(100, 108)),
+        list(range(108, 116)),
+        list(range(116, 123)),
+    ]
     assert [p.tolist() for p in blocks["position_ids"]] == [
         [0, 1, 2, 3, 0, 1, 2, 3],  # doc 2 starts at 4
         [0, 1, 2, 3, 4, 5, 6, 0],  # doc 2 continues (positions restart at the block), doc 3 starts at 7
@@ -64,10 +73,12 @@ def test_pack_restarts_positions_and_keeps_the_remainder():
 
 
 def test_collator_pads_the_last_block_and_masks_boundary_labels():
-    batch = PackedCollator(pad_token_id=0)([
-        {"input_ids": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]},
-        {"input_ids": [9, 10], "position_ids": [0, 1]},
-    ])
+    batch = PackedCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7, 8], "position_ids": [0, 1, 0, 1]},
+            {"input_ids": [9, 10], "position_ids": [0, 1]},
+        ]
+    )
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # attention_mask stays None
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
@@ -97,7 +108,7 @@ def _packed_vs_alone(model, tokenizer, collator, positions="restart") -> float:
         packed = model(**batch, use_cache=False).logits[0]
         start = len(docs[0])
         alone = model(input_ids=torch.tensor([docs[1]]), use_cache=False).logits[0]
-    return (packed[start:start + len(docs[1])] - alone).abs().max().item()
+    return (packed[start : start + len(docs[1])] - alone).abs().max().item()
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -190,7 +201,9 @@ def test_cache_is_reused_and_rebuilt_when_a_file_or_the_length_changes(tmp_path)
 
     longer = load_packed(str(data), tok, 48, cache)  # another max_seq_length
     assert not longer.summary.cache_hit and longer.summary.cache_path not in (
-        first.summary.cache_path, edited.summary.cache_path)
+        first.summary.cache_path,
+        edited.summary.cache_path,
+    )
     assert max(len(r) for r in longer.dataset["input_ids"]) == 48
 
     other_tok = tiny_tokenizer(eos="<|endoftext|>")  # another tokenizer (its EOS differs)
@@ -203,9 +216,18 @@ def test_cache_is_reused_and_rebuilt_when_a_file_or_the_length_changes(tmp_path)
 
 def test_pretrain_full_loss_falls_and_the_run_saves(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.json", **pretrain_config(
-        tiny_llama_dir, out, train_mode="full", max_steps=12, learning_rate=3e-3, per_device_train_batch_size=4,
-        data_cache_dir=None))
+    cfg = write_config(
+        tmp_path / "c.json",
+        **pretrain_config(
+            tiny_llama_dir,
+            out,
+            train_mode="full",
+            max_steps=12,
+            learning_rate=3e-3,
+            per_device_train_batch_size=4,
+            data_cache_dir=None,
+        ),
+    )
     trainer = run(load_config(["--train_args_file", str(cfg)]))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12
@@ -218,7 +240,7 @@ def test_pretrain_full_loss_falls_and_the_run_saves(tiny_llama_dir, tmp_path):
     assert json.loads((out / "training_meta.json").read_text())["task_type"] == "pretrain"
 
 
-def test_pretrain_lora_trains_from_a_cached_folder(tiny_llama_dir, tmp_path):
+def test_pretrain_lora_trains_with_a_configured_cache_dir(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.json", **pretrain_config(tiny_llama_dir, out, max_steps=4))
     trainer = run(load_config(["--train_args_file", str(cfg)]))
@@ -227,3 +249,13 @@ def test_pretrain_lora_trains_from_a_cached_folder(tiny_llama_dir, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
     summary = json.loads((out / "data_summary.json").read_text())
     assert Path(summary["cache_path"]).parent == tmp_path / "cache"
+
+
+def test_pretrain_qlora_runs(tiny_llama_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.json", **pretrain_config(tiny_llama_dir, out, train_mode="qlora", max_steps=3))
+    trainer = run(load_config(["--train_args_file", str(cfg)]))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
+    assert (out / "adapter_model.safetensors").is_file()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
 import component.report as report
 import component.runner as runner
@@ -55,9 +58,22 @@ def test_plot_and_loss_summary(tmp_path):
     assert report.plot_losses([{"learning_rate": 1.0, "step": 1}], tmp_path / "none.png") is None
 
 
+def test_trainer_without_the_batch_hook_reports_no_counts():
+    # A trainer that never calls observe_batch (e.g. trl's) gets None, not a false 0 tokens.
+    callback = report.RunReportCallback()
+    args = SimpleNamespace(output_dir="unused", num_train_epochs=1, device="cpu", world_size=1)
+    callback.on_train_begin(args, TrainerState(global_step=0, max_steps=4), None)
+    callback.trainer_state.global_step = 2
+    got = callback.report("running")
+    assert got["real_tokens_seen"] is None and got["real_tokens_per_second"] is None
+    callback.tokens.add({"input_ids": torch.ones(1, 3, dtype=torch.long)})
+    callback.tokens.flush()
+    assert callback.report("running")["real_tokens_seen"] == 3
+
+
 def test_only_the_main_process_writes(tmp_path, monkeypatch):
     callback = report.RunReportCallback()
-    callback.args = type("Args", (), {"output_dir": str(tmp_path / "out")})()
+    callback.trainer_args = type("Args", (), {"output_dir": str(tmp_path / "out")})()
     monkeypatch.setattr(report, "is_main_process", lambda: False)
     assert callback.write("running") is None
     assert not (tmp_path / "out").exists()
@@ -128,3 +144,36 @@ def test_report_when_a_run_stops(tmp_path, tiny_llama_dir, monkeypatch, exc, sta
     assert got["status"] == status
     assert got["global_step"] == 2 and got["examples_seen"] == 4 and got["final_loss"] is not None
     assert (tmp_path / "out" / report.PLOT_FILE).is_file()
+
+
+class _Signal(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_report_when_a_signal_stops_the_run(tmp_path, tiny_llama_dir, monkeypatch):
+    defaults = runner.default_callbacks
+    monkeypatch.setattr(runner, "default_callbacks", lambda: [*defaults(), _Signal()])
+    config = _config(tmp_path, tiny_llama_dir, max_steps=6)
+    assert train.main(["--train_args_file", str(config)]) == 128 + signal.SIGTERM
+    got = json.loads((tmp_path / "out" / report.REPORT_FILE).read_text())
+    assert got["status"].startswith("interrupted: stopped by SIGTERM at step 2")
+    assert got["global_step"] == 2 and got["examples_seen"] == 4
+
+
+def test_a_resumed_run_reports_the_whole_run(tmp_path, tiny_llama_dir, monkeypatch):
+    defaults = runner.default_callbacks
+    monkeypatch.setattr(runner, "default_callbacks", lambda: [*defaults(), _Fail(RuntimeError("node lost"), 3)])
+    config = _config(tmp_path, tiny_llama_dir, max_steps=4, save_steps=2)
+    with pytest.raises(RuntimeError):
+        train.main(["--train_args_file", str(config)])
+    monkeypatch.setattr(runner, "default_callbacks", defaults)
+    assert train.main(["--train_args_file", str(config), "--resume_from_checkpoint", "true"]) == 0
+    out = tmp_path / "out"
+    data = json.loads((out / "data_summary.json").read_text())
+    got = json.loads((out / report.REPORT_FILE).read_text())
+    # Steps 1-2 counted before the checkpoint, 3-4 after the resume: one whole epoch.
+    assert (got["status"], got["resumed_at_step"], got["global_step"]) == ("finished", 2, 4)
+    assert got["examples_seen"] == 8 and got["real_tokens_seen"] == data["tokens"]
+    assert got["supervised_tokens_seen"] == data["supervised_tokens"]

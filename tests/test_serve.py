@@ -244,3 +244,30 @@ def test_cli_serves_a_trained_adapter_on_loopback(tmp_path, tiny_llama_dir):
         proc.wait(timeout=30)
     text = (tmp_path / "serve.log").read_text()
     assert f"http://127.0.0.1:{port}" in text and "template chatml" in text
+
+
+def test_a_full_queue_gets_429(base_model):
+    release = threading.Event()
+
+    def held(loaded, messages, cancel=None, **kwargs):
+        yield "x"
+        release.wait(60)
+
+    service = serve.Service(base_model, "tiny", 512, generate_fn=held, max_queue=1)
+    with running(service) as port:
+        first = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        first.request("POST", "/v1/chat/completions", body=json.dumps({"messages": PROMPT, "stream": True}),
+                      headers={"Content-Type": "application/json"})
+        first_resp = first.getresponse()
+        assert first_resp.readline().startswith(b"data: ")  # holds the model
+        waiting = []
+        second = threading.Thread(target=lambda: waiting.append(post(port, json.dumps({"messages": PROMPT}))))
+        second.start()
+        wait_until(lambda: service.stats["waiting"] == 1, "the second request to queue")
+        status, _, data = post(port, json.dumps({"messages": PROMPT}))
+        assert status == 429 and json.loads(data)["error"]["code"] == "server_busy"
+        release.set()
+        assert first_resp.read().rstrip().endswith(b"data: [DONE]")
+        first.close()
+        second.join(timeout=60)
+        assert waiting[0][0] == 200 and json.loads(waiting[0][2])["choices"][0]["message"]["content"] == "x"

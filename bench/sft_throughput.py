@@ -1,0 +1,378 @@
+"""SFT throughput and memory: our trainer against TRL's SFTTrainer, side by side.
+
+    python bench/sft_throughput.py            # the full benchmark (tens of minutes on 2 cores)
+    python bench/sft_throughput.py --quick    # a smoke run, under 5 minutes
+    python bench/sft_throughput.py --models tiny_llama --repeats 5
+
+Both trainers get the same weights (saved once, loaded by every run), the same
+tokenized conversations in the same order (sequential sampling), the same
+precision, batch size, max length, optimizer, learning rate and step count, and
+gradient checkpointing on (TRL's default). TRL receives our tokenized examples
+as a pre-processed dataset (`input_ids` + `labels` columns, which TRL 1.16 uses
+as they are), so the template and the loss mask are identical token for token:
+no `{% generation %}` template and no completion-only approximation is needed.
+
+Configurations: ours at its default (padding-free batches, sequence-aware
+attention, lean loss), and TRL default (padded), `padding_free=True`,
+`packing=True`. Each run is a separate process; configurations alternate
+(the order rotates every repeat); medians are reported. Only the training loop
+is timed, from the end of the first (warm-up) step to the end of the last.
+
+Output: per model a markdown table (real non-padding tokens/s, padding fraction,
+peak RSS, loss at the last step) and, on the last line, JSON with our ratios.
+Data: LIMA from ../shared/data/lima/train.jsonl (relative to the repository)
+when present, else data/sft_sample.jsonl. Nothing is written into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
+SAMPLE = ROOT / "data" / "sft_sample.jsonl"
+GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.gguf"
+TEMPLATE = "smollm"  # SmolLM2-Instruct's own chat format (ChatML + its default system prompt)
+CONFIGS = ("ours", "trl_pad", "trl_padding_free", "trl_packing")
+SEED = 1
+LEARNING_RATE = 1e-4
+
+
+@dataclass
+class ModelSpec:
+    """One benchmarked model and its run settings."""
+
+    name: str
+    title: str
+    build: str  # how the weights are made: tiny_llama | smollm2 | tiny_gemma
+    vocab: int = 49152
+    lora: bool = False
+    conversations: int = 128
+    batch: int = 4
+    max_len: int = 1024
+    steps: int = 16
+    threads: int = 2
+    arch: dict = field(default_factory=dict)
+
+
+MODELS = {
+    "tiny_llama": ModelSpec(
+        "tiny_llama", "Tiny Llama (hidden 256, 4 layers, SmolLM2's 49,152 vocab), fp32, full", "tiny_llama",
+        arch=dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=2048)),
+    "smollm2_lora": ModelSpec(
+        "smollm2_lora", "SmolLM2-135M-Instruct (real weights), fp32, LoRA r16 all-linear", "smollm2",
+        lora=True, conversations=48, max_len=512, steps=8),
+    "gemma256k": ModelSpec(
+        "gemma256k", "Tiny Gemma-shaped (hidden 256, 2 layers, 256,000 vocab), fp32, full, batch 1", "tiny_gemma",
+        vocab=256000, conversations=32, batch=1, steps=8,
+        arch=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=64, max_position_embeddings=2048)),
+}
+
+
+# ---------------------------------------------------------------- preparation (orchestrator)
+
+
+def data_file() -> Path:
+    return LIMA if LIMA.is_file() else SAMPLE
+
+
+def prepare_tokenizer(work: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    out = work / "tokenizer"
+    if not out.exists():
+        tok = AutoTokenizer.from_pretrained(str(GGUF.resolve().parent), gguf_file=GGUF.resolve().name)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.save_pretrained(out)
+    return out
+
+
+def prepare_data(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> tuple[Path, dict]:
+    """Tokenize the first N conversations once, with our template and mask; both trainers read the result."""
+    from transformers import AutoTokenizer
+
+    from component.sft_data import build_sft_dataset
+    from component.template import get_template
+
+    out = work / f"data-{spec.conversations}-{spec.max_len}"
+    if not out.exists():
+        lines = data_file().read_text(encoding="utf-8").splitlines()[: spec.conversations]
+        subset = work / f"convs-{spec.conversations}.jsonl"
+        subset.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        data = build_sft_dataset(str(subset), get_template(TEMPLATE), tok, spec.max_len, skip_invalid=True)
+        data.dataset.save_to_disk(str(out))
+        (out / "summary.json").write_text(json.dumps(asdict(data.summary)))
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def prepare_model(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> Path:
+    """Save the weights once so every run of every trainer loads the same ones."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, LlamaConfig
+
+    out = work / f"model-{spec.name}"
+    if out.exists():
+        return out
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if spec.build == "smollm2":
+        from component.model import detach_gguf_quantizer
+
+        model = AutoModelForCausalLM.from_pretrained(str(GGUF.resolve().parent), gguf_file=GGUF.resolve().name,
+                                                     dtype=torch.float32)
+        detach_gguf_quantizer(model)
+    elif spec.build == "tiny_llama":
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=spec.vocab, **spec.arch, **ids))
+    else:
+        model = AutoModelForCausalLM.from_config(GemmaConfig(vocab_size=spec.vocab, **spec.arch, **ids))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- one run (worker process)
+
+
+class BatchCounter:
+    """Wraps a collator: records real and computed tokens of every batch, in order."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.real: list[int] = []
+        self.computed: list[int] = []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        self.real.append(int(mask.sum()) if mask is not None else ids.numel())
+        self.computed.append(ids.numel())
+        return batch
+
+
+def step_timer():
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def common_args(spec: ModelSpec, out: str) -> dict:
+    return dict(
+        output_dir=out, per_device_train_batch_size=spec.batch, gradient_accumulation_steps=1,
+        max_steps=spec.steps, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
+        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
+        gradient_checkpointing=True, bf16=False, fp16=False, use_cpu=True, disable_tqdm=True,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+
+def lora_settings() -> dict:
+    return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+
+
+def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str):
+    from component.config import load_config
+    from component.model import load_model, load_tokenizer
+    from component.sft import choose_collator
+    from component.trainer import FinetuneTrainer
+
+    values = {**common_args(spec, out), "model_name_or_path": str(model_dir), "train_file": "unused.jsonl",
+              "template_name": TEMPLATE, "max_seq_length": spec.max_len,
+              "train_mode": "lora" if spec.lora else "full", "lora_rank": 16, "lora_alpha": 32,
+              "lora_dropout": 0.0}
+    args = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
+    config = load_config(args)
+    tokenizer = load_tokenizer(config.model)
+    counter = BatchCounter(choose_collator(config, tokenizer))
+    model = load_model(config)
+    trainer = FinetuneTrainer(model=model, args=config.training, train_dataset=dataset, data_collator=counter,
+                              processing_class=tokenizer, lean_loss=config.method.lean_loss)
+    return trainer, counter
+
+
+def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    extra = {"padding_free": mode == "trl_padding_free", "packing": mode == "trl_packing"}
+    config = SFTConfig(**common_args(spec, out), max_length=spec.max_len, **extra)
+    peft_config = None
+    if spec.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", bias="none", **lora_settings())
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    counter = BatchCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    return trainer, counter
+
+
+def run_one(spec_name: str, config_name: str, model_dir: str, data_dir: str, threads: int) -> dict:
+    import torch
+    from datasets import load_from_disk
+
+    torch.set_num_threads(threads)
+    spec = MODELS[spec_name]
+    dataset = load_from_disk(data_dir)
+    with tempfile.TemporaryDirectory() as out:
+        if config_name == "ours":
+            trainer, counter = build_ours(spec, Path(model_dir), dataset, out)
+        else:
+            trainer, counter = build_trl(spec, Path(model_dir), dataset, out, config_name)
+        timer = step_timer()
+        trainer.add_callback(timer)
+        trainer.train()
+    steps = len(timer.ends)
+    elapsed = timer.ends[-1] - timer.ends[0]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    real, computed = sum(counter.real[1:steps]), sum(counter.computed[1:steps])
+    return {
+        "config": config_name,
+        "steps": steps,
+        "timed_s": elapsed,
+        "real_tokens_per_s": real / elapsed if elapsed > 0 else 0.0,
+        "padding_fraction": 1 - real / computed if computed else 0.0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "last_loss": losses[-1] if losses else float("nan"),
+        "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
+    }
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def run_worker(spec: ModelSpec, config_name: str, model_dir: Path, data_dir: Path, timeout: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec.name, config_name,
+           str(model_dir), str(data_dir), str(spec.threads)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(spec.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"{spec.name}/{config_name} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def table(spec: ModelSpec, summary: dict, results: dict[str, list[dict]]) -> str:
+    rows = [
+        f"### {spec.title}",
+        f"{summary['examples']} conversations ({data_file().name}), batch {spec.batch}, max length {spec.max_len}, "
+        f"{spec.steps} steps, {spec.threads} threads; medians of {len(results['ours'])} runs; "
+        "tokens/s over steps 2..N.",
+        "",
+        "| configuration | real tokens/s | padding fraction | peak RSS (MB) | last-step loss | attention |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, runs in results.items():
+        rows.append(
+            f"| {name} | {median_of(runs, 'real_tokens_per_s'):.0f} | {median_of(runs, 'padding_fraction'):.3f} | "
+            f"{median_of(runs, 'peak_rss_mb'):.0f} | {median_of(runs, 'last_loss'):.4f} | "
+            f"{runs[0]['attn_implementation']} |"
+        )
+    return "\n".join(rows)
+
+
+def ratios(results: dict[str, list[dict]]) -> dict:
+    ours = results["ours"]
+
+    def ratio(key: str, other: str):
+        if other not in results:
+            return None
+        return round(median_of(ours, key) / median_of(results[other], key), 3)
+
+    return {
+        "tokens_per_s_ratio_vs_trl_pad": ratio("real_tokens_per_s", "trl_pad"),
+        "tokens_per_s_ratio_vs_trl_padding_free": ratio("real_tokens_per_s", "trl_padding_free"),
+        "tokens_per_s_ratio_vs_trl_packing": ratio("real_tokens_per_s", "trl_packing"),
+        "peak_rss_ratio_vs_trl_pad": ratio("peak_rss_mb", "trl_pad"),
+        "last_loss_ratio_vs_trl_pad": ratio("last_loss", "trl_pad"),
+    }
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny Llama, 1 repeat, 4 steps, 16 conversations")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="override every model's step count")
+    p.add_argument("--work_dir", default=None, help="where weights and tokenized data are cached (default: a temp dir)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    return p.parse_args(argv)
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    if args.models == ",".join(MODELS):
+        args.models = "tiny_llama"
+    args.repeats = 1
+    for spec in MODELS.values():
+        spec.steps, spec.conversations, spec.max_len = 4, 16, min(spec.max_len, 512)
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] == "--worker":
+        name, config_name, model_dir, data_dir, threads = argv[1:6]
+        print("RESULT " + json.dumps(run_one(name, config_name, model_dir, data_dir, int(threads))), flush=True)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    args = parse(argv)
+    if args.quick:
+        apply_quick(args)
+    if args.steps:
+        for spec in MODELS.values():
+            spec.steps = args.steps
+    configs = [c for c in args.configs.split(",") if c]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="sft-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = prepare_tokenizer(work)
+    report = {}
+    for name in args.models.split(","):
+        spec = MODELS[name]
+        data_dir, summary = prepare_data(spec, tokenizer_dir, work)
+        model_dir = prepare_model(spec, tokenizer_dir, work)
+        results: dict[str, list[dict]] = {c: [] for c in configs}
+        for rep in range(args.repeats):
+            order = configs[rep % len(configs):] + configs[: rep % len(configs)]  # alternate who goes first
+            for config_name in order:
+                result = run_worker(spec, config_name, model_dir, data_dir, args.timeout)
+                results[config_name].append(result)
+                print(f"# {name} run {rep + 1} {config_name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+        print(table(spec, summary, results) + "\n", flush=True)
+        report[name] = ratios(results) if "ours" in results else {}
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

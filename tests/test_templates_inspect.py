@@ -1,0 +1,59 @@
+"""script/inspect_data.py on a tiny config: marked examples, the report, and the dump."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from component.sft_data import read_conversations
+from component.template import IGNORE_INDEX
+from script import inspect_data
+from tests.conftest import TINY_SFT, base_config, write_config
+
+
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.fixture()
+def config_file(tmp_path, tiny_llama_dir):
+    return write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
+
+
+def test_marks_supervised_text_and_reports(config_file, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("inspect_data loaded a model")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
+    out = io.StringIO()
+    dump = tmp_path / "d.jsonl"
+    inspect_data.run(["--train_args_file", str(config_file), "--index", "1", "--num", "2", "--dump", str(dump)], out)
+    text = out.getvalue()
+    first = read_conversations(str(TINY_SFT)).records[1]["conversation"][0]["assistant"]
+    assert f"[[{first}<|im_end|>]]" in text
+    assert "── example 1:" in text and "── example 2:" in text and "── example 3:" not in text
+    assert "examples:" in text and "supervised tokens:" in text and "length histogram" in text
+    assert "\033[" not in text and not (tmp_path / "out").exists()
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
+    assert len(rows) == len(read_conversations(str(TINY_SFT)).records)
+    assert all(len(r["input_ids"]) == len(r["labels"]) for r in rows)
+    assert all(any(x != IGNORE_INDEX for x in r["labels"]) for r in rows)
+
+
+def test_colour_on_a_terminal_and_the_truncation_cut(config_file):
+    out = Tty()
+    inspect_data.run(["--train_args_file", str(config_file), "--num", "8", "--max_seq_length", "20"], out)
+    text = out.getvalue()
+    assert "\033[32m" in text and "[[" not in text
+    assert "✂ cut here" in text and "DROPPED: no supervised token left" in text and "truncated:" in text
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path, tiny_llama_dir, capsys):
+    bad = write_config(tmp_path / "b.json", **base_config(tiny_llama_dir, tmp_path / "out", template_name="phi3"))
+    assert inspect_data.main(["--train_args_file", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "template 'phi3' does not fit" in err and "Traceback" not in err
