@@ -220,7 +220,9 @@ def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     extra = {"padding_free": mode == "trl_padding_free", "packing": mode == "trl_packing"}
-    config = SFTConfig(**common_args(spec, out), max_length=spec.max_len, **extra)
+    # TRL refuses padding_free with max_length unless packing: the examples are already truncated to max_len.
+    max_length = None if mode == "trl_padding_free" else spec.max_len
+    config = SFTConfig(**common_args(spec, out), max_length=max_length, **extra)
     peft_config = None
     if spec.lora:
         from peft import LoraConfig
@@ -233,12 +235,11 @@ def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
     return trainer, counter
 
 
-def run_one(spec_name: str, config_name: str, model_dir: str, data_dir: str, threads: int) -> dict:
+def run_one(spec: ModelSpec, config_name: str, model_dir: str, data_dir: str) -> dict:
     import torch
     from datasets import load_from_disk
 
-    torch.set_num_threads(threads)
-    spec = MODELS[spec_name]
+    torch.set_num_threads(spec.threads)
     dataset = load_from_disk(data_dir)
     with tempfile.TemporaryDirectory() as out:
         if config_name == "ours":
@@ -268,8 +269,8 @@ def run_one(spec_name: str, config_name: str, model_dir: str, data_dir: str, thr
 
 
 def run_worker(spec: ModelSpec, config_name: str, model_dir: Path, data_dir: Path, timeout: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec.name, config_name,
-           str(model_dir), str(data_dir), str(spec.threads)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(spec)), config_name,
+           str(model_dir), str(data_dir)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(spec.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=timeout)
@@ -342,8 +343,9 @@ def apply_quick(args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--worker":
-        name, config_name, model_dir, data_dir, threads = argv[1:6]
-        print("RESULT " + json.dumps(run_one(name, config_name, model_dir, data_dir, int(threads))), flush=True)
+        spec_json, config_name, model_dir, data_dir = argv[1:5]
+        result = run_one(ModelSpec(**json.loads(spec_json)), config_name, model_dir, data_dir)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     sys.path.insert(0, str(ROOT))
     args = parse(argv)

@@ -145,8 +145,9 @@ def deepspeed_problems(values: dict[str, Any]) -> list[str]:
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage == 3 and values.get("train_mode") == "qlora":
         problems.append(
-            f"{where}: ZeRO-3 cannot shard QLoRA's 4-bit quantized weights (bitsandbytes Params4bit); "
-            "use ZeRO-2 (train_args/ds_z2_config.json) with qlora, or train_mode 'lora' with ZeRO-3"
+            f"{where}: ZeRO-3 with train_mode 'qlora' is not supported: ZeRO-3 shards every weight, and the 4-bit "
+            "weights are loaded as bitsandbytes Params4bit in uint8 storage, which it cannot shard; use ZeRO-2 "
+            "(train_args/ds_z2_config.json) with qlora, or train_mode 'lora' with ZeRO-3"
         )
     if values.get("fp16") and not has_gpu():
         problems.append(

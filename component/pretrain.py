@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -180,15 +180,18 @@ class PretrainSummary:
         )
 
 
-class PackedData:
-    def __init__(self, dataset: Dataset, summary: PretrainSummary, problems: list[Problem]):
-        self.dataset = dataset
-        self.summary = summary
-        self.problems = problems
+class PackedData(NamedTuple):
+    """Packed blocks, their summary, and the invalid lines that were skipped."""
+
+    dataset: Dataset
+    summary: PretrainSummary
+    problems: list[Problem]
 
 
-def _build_packed(path: str, tokenizer, max_len: int, num_workers: int) -> tuple[Dataset, dict]:
+def _build_packed(path: str, tokenizer, max_len: int, num_workers: int, skip_invalid: bool) -> tuple[Dataset, dict]:
     read = read_jsonl(path, check_document)
+    if read.problems and not skip_invalid:
+        raise_problems(path, read.problems, SKIP_HINT)  # before the costly tokenization
     if not read.records:
         raise_problems(path, read.problems or [Problem(path, 1, "no valid documents")])
     flat, offsets = tokenize_documents([r["text"] for r in read.records], tokenizer, num_workers)
@@ -226,7 +229,7 @@ def load_packed(
         dataset = load_from_disk(str(entry / "data"))
         meta = json.loads((entry / CACHE_META_FILE).read_text())
     else:
-        dataset, meta = _build_packed(path, tokenizer, max_len, num_workers)
+        dataset, meta = _build_packed(path, tokenizer, max_len, num_workers, skip_invalid)
     problems = [Problem(*p) for p in meta["problems"]]
     if problems and not skip_invalid:
         raise_problems(path, problems, SKIP_HINT)

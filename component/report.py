@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import platform
 import resource
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -338,12 +339,16 @@ def report_callback(trainer) -> Optional[RunReportCallback]:
 
 
 def describe_exit(exc: BaseException) -> str:
-    from component.safety import TrainingInterrupted
+    from component.safety import SIGNAL_EXIT_BASE, TrainingInterrupted
 
     if isinstance(exc, KeyboardInterrupt):
         return STATUS_INTERRUPTED
-    if isinstance(exc, TrainingInterrupted):  # a signal; the message says how to resume
-        return f"{STATUS_INTERRUPTED}: {str(exc).splitlines()[0]}"
+    if isinstance(exc, TrainingInterrupted):  # stopped by a signal after saving a checkpoint
+        try:
+            name = signal.Signals(exc.exit_code - SIGNAL_EXIT_BASE).name
+        except ValueError:
+            name = "a signal"
+        return f"{STATUS_INTERRUPTED} by {name}; checkpoint saved"
     if isinstance(exc, SystemExit):
         return f"{STATUS_INTERRUPTED} (exit {exc.code})"
     return f"error: {type(exc).__name__}: {exc}"

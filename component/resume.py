@@ -48,6 +48,7 @@ RESUME_FLAG = "--resume_from_checkpoint"
 # Settings that may change between a run and its resumption without changing what it computes.
 RESUME_NEUTRAL_KEYS = frozenset({
     "resume_from_checkpoint", "overwrite_output_dir", "config_file", "max_nonfinite_steps", "allow_pickle_weights",
+    "output_dir", "run_name",  # a run folder may be moved before it is resumed
     "logging_dir", "logging_steps", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
     "tokenize_num_workers", "dataloader_num_workers", "eval_steps", "eval_file",
 })

@@ -520,8 +520,9 @@ def render(
         if message.role == "user":
             text = _user_text(template, tokenizer, message.content, folded if i == 0 else None, i // 2 + 1)
         else:
+            if template.final_assistant_prefix:
+                _check_reply(template, message.content)
             if i == last_assistant and template.final_assistant_prefix:
-                _check_final_reply(template, message.content)
                 parts.append(template.final_assistant_prefix)
                 pos += len(template.final_assistant_prefix)
             text = _fill(template.assistant_format, tokenizer, _clean(template, message.content))
@@ -534,7 +535,7 @@ def render(
     return Rendered("".join(parts), spans)
 
 
-def _check_final_reply(template: Template, content: str) -> None:
+def _check_reply(template: Template, content: str) -> None:
     if "</think>" in content:
         raise TemplateError(f"template {template.name!r}: a reply containing '</think>' is rewritten by the official template")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -118,12 +119,21 @@ def fast_path(monkeypatch):
     return calls
 
 
+@dataclass
+class TrainingPath:
+    name: str
+    calls: list
+
+    def check_used(self) -> None:
+        """On the fast path, the stand-in must really have run (once per layer and forward)."""
+        assert self.name == "pytorch" or self.calls, "the fused-kernel stand-in never ran"
+
+
 @pytest.fixture(params=["pytorch", "fast"])
-def path(request):
+def path(request) -> TrainingPath:
     """Run a test on both training paths: transformers' PyTorch path and the fused-kernel stand-in."""
-    if request.param == "fast":
-        request.getfixturevalue("fast_path")
-    return request.param
+    calls = request.getfixturevalue("fast_path") if request.param == "fast" else []
+    return TrainingPath(request.param, calls)
 
 
 def _model(model_dir: Path, **kwargs):
@@ -202,8 +212,9 @@ def test_which_adapters_train_on_each_path(mamba_dir, path):
     model.train()
     ids = _ids()
     model(input_ids=ids, labels=ids).loss.backward()
+    path.check_used()
     trained = _adapted_modules_with_grad(model)
-    assert trained == EXPECTED_TRAINED[path]
+    assert trained == EXPECTED_TRAINED[path.name]
     # Default targets train on both paths; everything else allowed by peft is refused with a reason.
     info = model_type_info("mamba")
     assert set(info.lora_targets) <= EXPECTED_TRAINED["pytorch"] & EXPECTED_TRAINED["fast"]
@@ -302,6 +313,7 @@ def test_every_saved_adapter_tensor_learns(tmp_path, mamba_dir, monkeypatch, mod
         pytest.importorskip("bitsandbytes")
     trainer, recorder = _train(tmp_path, mamba_dir, monkeypatch, train_mode=mode,
                                gradient_checkpointing=checkpointing)
+    path.check_used()
     losses = _losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
     assert dead_adapters(tmp_path / "out", recorder) == []
@@ -447,14 +459,27 @@ def test_right_padded_batch_equals_each_example_alone(tmp_path, any_mamba_dir, p
     rows, tokenizer = _examples(tmp_path, any_mamba_dir)
     collate = PaddingCollator(tokenizer.pad_token_id)
     model = _model(any_mamba_dir).train()  # train mode: the fast path where it exists
+    if path.name == "fast" and model.config.model_type != "mamba":
+        pytest.skip("the fused-kernel stand-in replaces Mamba's mamba_inner_fn only")
     with torch.no_grad():
         batch = collate(rows)
         batched = _per_example_loss(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
                                     batch["labels"])
         alone = torch.cat([_per_example_loss(model(input_ids=b["input_ids"]).logits, b["labels"])
                            for b in (collate([r]) for r in rows)])
+    path.check_used()
     assert batch["attention_mask"][0, -1] == 0  # the shortest example really is padded, on the right
     torch.testing.assert_close(batched, alone, rtol=REL_TOL, atol=0)
+
+
+def test_mamba_batches_are_right_padded_never_packed(tmp_path, any_mamba_dir):
+    from component.sft import choose_collator
+
+    config = _config(tmp_path, any_mamba_dir)
+    tokenizer = model_module.load_tokenizer(config.model)
+    assert type(choose_collator(config, tokenizer)) is PaddingCollator
+    with pytest.raises(ConfigError, match="padding_free.*recurrent"):
+        choose_collator(_config(tmp_path, any_mamba_dir, padding_free=True), tokenizer)
 
 
 def test_left_padding_would_leak_into_the_state_on_the_fast_path(tmp_path, mamba_dir, fast_path):
@@ -515,11 +540,11 @@ def test_mamba_configs_exist():
     assert {"mamba-1.4b-sft-lora.json", "mamba-2.8b-sft-lora.json"} <= names
 
 
-@pytest.mark.parametrize("path", MAMBA_CONFIGS, ids=lambda p: p.name)
-def test_mamba_config_values(path):
-    raw = json.loads(path.read_text())
+@pytest.mark.parametrize("config_path", MAMBA_CONFIGS, ids=lambda p: p.name)
+def test_mamba_config_values(config_path):
+    raw = json.loads(config_path.read_text())
     assert {"task_type", "train_mode", "fp16", "bf16"} <= set(raw)  # nothing rides on a hidden default
-    config = load_config(["--train_args_file", str(path)], runnable=False)
+    config = load_config(["--train_args_file", str(config_path)], runnable=False)
     assert config.model.model_name_or_path.startswith("state-spaces/mamba-")
     assert config.data.template_name == "mamba" and config.data.max_seq_length == 1024
     assert config.method.lora_rank == 64 and config.method.lora_alpha == 16 and config.method.lora_dropout == 0.05
@@ -530,16 +555,16 @@ def test_mamba_config_values(path):
     assert targets is None or set(targets) <= set(model_type_info("mamba").lora_targets)
 
 
-@pytest.mark.parametrize("path", MAMBA_CONFIGS, ids=lambda p: p.name)
-def test_mamba_config_runs_on_a_tiny_model(tmp_path, mamba_dir, path):
+@pytest.mark.parametrize("config_path", MAMBA_CONFIGS, ids=lambda p: p.name)
+def test_mamba_config_runs_on_a_tiny_model(tmp_path, mamba_dir, config_path):
     """Each shipped config, its precision, optimizer and checkpointing included, trains (model and data swapped)."""
-    if json.loads(path.read_text())["train_mode"] == "qlora":
+    if json.loads(config_path.read_text())["train_mode"] == "qlora":
         pytest.importorskip("bitsandbytes")
     overrides = {"model_name_or_path": str(mamba_dir), "train_file": str(ROOT / "tests" / "data" / "tiny_sft.jsonl"),
                  "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2,
                  "gradient_accumulation_steps": 1, "tokenize_num_workers": 1, "report_to": "none",
                  "logging_steps": 1}
-    argv = ["--train_args_file", str(path)] + [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+    argv = ["--train_args_file", str(config_path)] + [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
     trainer = run(load_config(argv))
     assert all(torch.isfinite(torch.tensor(loss)) for loss in _losses(trainer))
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

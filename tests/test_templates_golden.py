@@ -127,3 +127,16 @@ def test_pad_equal_to_eos_is_noted_and_warned_only_when_labels_lose_the_eos():
     level, msg = pad_eos_note(t, tok, [IGNORE_INDEX] * 3)
     assert level == "warning" and "will not learn to stop" in msg
     assert pad_eos_note(get_template("chatml"), tok, enc.labels) is None
+
+
+def test_qwen3_refuses_replies_its_official_template_would_rewrite():
+    tok = golden_tokenizer(get_template("qwen3"))
+    msgs = conversation_messages([{"human": "hi", "assistant": "<think>x</think>yo"}, {"human": "a", "assistant": "b"}])
+    with pytest.raises(TemplateError, match="'</think>' is rewritten"):
+        render(get_template("qwen3"), tok, msgs)
+
+
+def test_template_errors_are_user_errors():
+    from component.errors import UserError
+
+    assert issubclass(TemplateError, UserError) and issubclass(TemplateError, ValueError)
