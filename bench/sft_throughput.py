@@ -63,6 +63,8 @@ class ModelSpec:
     steps: int = 16
     threads: int = 2
     arch: dict = field(default_factory=dict)
+    device: str = "cpu"  # cpu | cuda
+    bf16: bool = False
 
 
 MODELS = {
@@ -78,7 +80,20 @@ MODELS = {
         vocab=256000, conversations=32, batch=1, steps=8,
         arch=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=1, head_dim=64, max_position_embeddings=2048)),
+    # One GPU, bf16 (bench/gpu.sh).
+    "smollm2_lora_gpu": ModelSpec(
+        "smollm2_lora_gpu", "SmolLM2-135M-Instruct, bf16, LoRA r16 all-linear, one GPU", "smollm2",
+        lora=True, conversations=1024, batch=8, max_len=1024, steps=40, threads=8, device="cuda", bf16=True),
+    "llama1b_gpu": ModelSpec(
+        "llama1b_gpu", "Random Llama ~1.1B (TinyLlama shape, SmolLM2 vocab), bf16, full, one GPU", "tiny_llama",
+        conversations=1024, batch=8, max_len=1024, steps=25, threads=8, device="cuda", bf16=True,
+        arch=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                  num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=2048)),
 }
+CPU_MODELS = ("tiny_llama", "smollm2_lora", "gemma256k")
+# Dense bf16 peak of common GPUs (FLOP/s), matched on torch.cuda.get_device_name(); BENCH_PEAK_TFLOPS overrides.
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                 "4090": 165e12}
 
 
 # ---------------------------------------------------------------- preparation (orchestrator)
@@ -183,7 +198,7 @@ def common_args(spec: ModelSpec, out: str) -> dict:
         output_dir=out, per_device_train_batch_size=spec.batch, gradient_accumulation_steps=1,
         max_steps=spec.steps, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
-        gradient_checkpointing=True, bf16=False, fp16=False, use_cpu=True, disable_tqdm=True,
+        gradient_checkpointing=True, bf16=spec.bf16, fp16=False, use_cpu=spec.device == "cpu", disable_tqdm=True,
         train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
     )
 
@@ -218,7 +233,8 @@ def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if spec.bf16 else torch.float32,
+                                                 attn_implementation=trl_attention(spec))
     extra = {"padding_free": mode == "trl_padding_free", "packing": mode == "trl_packing"}
     # TRL refuses padding_free with max_length unless packing: the examples are already truncated to max_len.
     max_length = None if mode == "trl_padding_free" else spec.max_len
@@ -233,6 +249,30 @@ def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
     counter = BatchCounter(trainer.data_collator)
     trainer.data_collator = counter
     return trainer, counter
+
+
+def trl_attention(spec: ModelSpec) -> str:
+    """TRL's runs use flash-attention where it is installed on a GPU (what TRL recommends for padding-free)."""
+    import importlib.util
+
+    return "flash_attention_2" if spec.device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
+def gpu_peak_flops() -> float:
+    import torch
+
+    if os.environ.get("BENCH_PEAK_TFLOPS"):
+        return float(os.environ["BENCH_PEAK_TFLOPS"]) * 1e12
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), float("nan"))
+
+
+def mfu(spec: ModelSpec, model, tokens_per_s: float) -> float | None:
+    """Model FLOPs utilisation: 6N FLOPs per token for full training, ~4N under LoRA (no weight gradients)."""
+    if spec.device != "cuda":
+        return None
+    n = sum(p.numel() for p in model.parameters())
+    return tokens_per_s * (4 if spec.lora else 6) * n / gpu_peak_flops()
 
 
 def run_one(spec: ModelSpec, config_name: str, model_dir: str, data_dir: str) -> dict:
@@ -253,11 +293,14 @@ def run_one(spec: ModelSpec, config_name: str, model_dir: str, data_dir: str) ->
     elapsed = timer.ends[-1] - timer.ends[0]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     real, computed = sum(counter.real[1:steps]), sum(counter.computed[1:steps])
+    tokens_per_s = real / elapsed if elapsed > 0 else 0.0
     return {
+        "mfu": mfu(spec, trainer.model, tokens_per_s),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if spec.device == "cuda" else None,
         "config": config_name,
         "steps": steps,
         "timed_s": elapsed,
-        "real_tokens_per_s": real / elapsed if elapsed > 0 else 0.0,
+        "real_tokens_per_s": tokens_per_s,
         "padding_fraction": 1 - real / computed if computed else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "last_loss": losses[-1] if losses else float("nan"),
@@ -289,17 +332,20 @@ def table(spec: ModelSpec, summary: dict, results: dict[str, list[dict]]) -> str
     rows = [
         f"### {spec.title}",
         f"{summary['examples']} conversations ({data_file().name}), batch {spec.batch}, max length {spec.max_len}, "
-        f"{spec.steps} steps, {spec.threads} threads; medians of {len(results['ours'])} runs; "
+        f"{spec.steps} steps, {spec.threads} threads; medians of {max(len(r) for r in results.values())} runs; "
         "tokens/s over steps 2..N.",
         "",
-        "| configuration | real tokens/s | padding fraction | peak RSS (MB) | last-step loss | attention |",
-        "|---|---|---|---|---|---|",
+        "| configuration | real tokens/s | padding fraction | peak RSS (MB) | last-step loss | attention |"
+        + (" MFU | peak GPU memory (MB) |" if spec.device == "cuda" else ""),
+        "|---|---|---|---|---|---|" + ("---|---|" if spec.device == "cuda" else ""),
     ]
     for name, runs in results.items():
+        gpu = (f" {median_of(runs, 'mfu'):.3f} | {median_of(runs, 'peak_gpu_mb'):.0f} |"
+               if spec.device == "cuda" else "")
         rows.append(
             f"| {name} | {median_of(runs, 'real_tokens_per_s'):.0f} | {median_of(runs, 'padding_fraction'):.3f} | "
             f"{median_of(runs, 'peak_rss_mb'):.0f} | {median_of(runs, 'last_loss'):.4f} | "
-            f"{runs[0]['attn_implementation']} |"
+            f"{runs[0]['attn_implementation']} |" + gpu
         )
     return "\n".join(rows)
 
@@ -324,7 +370,7 @@ def ratios(results: dict[str, list[dict]]) -> dict:
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: tiny Llama, 1 repeat, 4 steps, 16 conversations")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(CPU_MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="override every model's step count")
@@ -334,7 +380,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def apply_quick(args: argparse.Namespace) -> None:
-    if args.models == ",".join(MODELS):
+    if args.models == ",".join(CPU_MODELS):
         args.models = "tiny_llama"
     args.repeats = 1
     for spec in MODELS.values():

@@ -14,38 +14,39 @@ up its devices (it does so while being constructed):
   every rank gets the same batches. We create that state ourselves first, with
   the gloo backend, and tell the Trainer to use it (`use_configured_state`).
 - `ddp_find_unused_parameters` defaults to False for LoRA/QLoRA: every adapter
-  takes part in every forward, and True breaks gradient checkpointing.
+  takes part in every forward, so DDP's per-step search for unused parameters
+  is wasted work, and with reentrant gradient checkpointing it fails ("Expected
+  to mark a variable ready only once"). transformers' default is True for a
+  peft model. Full fine-tuning keeps transformers' default.
+- A plain `python train.py` with `deepspeed` set runs as a one-rank launch
+  (`emulate_launch_for_deepspeed`, called by the runner).
 
 `deepspeed_problems(values)` checks a DeepSpeed JSON config against the train
-config (registered in component.config's VALIDATORS).
+config; component.config runs it with its built-in checks.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 CPU_BACKEND = "gloo"
 GPU_BACKEND = "nccl"
-# Backends torch.distributed offers without a GPU.
-CPU_BACKENDS = ("gloo", "mpi", "ccl")
 # Environment accelerate reads to know DeepSpeed is on (set by `accelerate launch`).
 ACCELERATE_DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"
 # TrainingArguments' default, in seconds.
 DEFAULT_DDP_TIMEOUT_S = 1800
 ADAPTER_MODES = ("lora", "qlora")
+LOOPBACK = "127.0.0.1"
 
 
 def is_launched() -> bool:
     """True under torchrun or the deepspeed launcher (both set LOCAL_RANK for each rank)."""
     return int(os.environ.get("LOCAL_RANK", "-1")) != -1
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def has_gpu() -> bool:
@@ -92,11 +93,32 @@ def prepare_training_kwargs(kwargs: dict[str, Any], train_mode: str) -> dict[str
     if out.get("deepspeed"):
         _deepspeed_on_cpu_state(backend, out.get("ddp_timeout", DEFAULT_DDP_TIMEOUT_S))
         accel = out.get("accelerator_config") or {}
-        if isinstance(accel, dict):
-            out["accelerator_config"] = {**accel, "use_configured_state": True}
+        if isinstance(accel, str):  # TrainingArguments also takes a JSON file here
+            accel = json.loads(Path(accel).read_text())
+        out["accelerator_config"] = {**accel, "use_configured_state": True}
     else:
         out["use_cpu"] = True  # accelerate only sets up a CPU process group when told
     return out
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def emulate_launch_for_deepspeed(deepspeed_config) -> bool:
+    """Let a plain `python train.py` run a DeepSpeed config as a one-rank launch.
+
+    DeepSpeed takes its rank from a launcher's environment; with none it looks
+    for MPI and fails with "No module named 'mpi4py'". Returns True when the
+    environment was set.
+    """
+    if not deepspeed_config or is_launched() or "RANK" in os.environ:
+        return False
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR=LOOPBACK, MASTER_PORT=str(free_port()))
+    return True
 
 
 # ---------------------------------------------------------------- DeepSpeed config checks

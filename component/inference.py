@@ -29,7 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 from component.config import ModelArguments
 from component.errors import UserError
 from component.outputs import read_meta
-from component.template import Message, Template, TemplateError, generation_prompt, stop_token_ids
+from component.template import AutoTemplate, Message, Template, TemplateError, generation_prompt, stop_token_ids
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,7 +49,7 @@ class LoadedModel:
 
     model: PreTrainedModel
     tokenizer: object
-    template: Template
+    template: Template | AutoTemplate
     name: str
 
 
@@ -88,7 +88,7 @@ def recorded_template_name(template_name: Optional[str], *dirs: Optional[str]) -
     return name
 
 
-def resolve_template(template_name: Optional[str], tokenizer, *dirs: Optional[str]) -> Template:
+def resolve_template(template_name: Optional[str], tokenizer, *dirs: Optional[str]) -> Template | AutoTemplate:
     """The template to chat with: given, or recorded at training time; checked against the tokenizer."""
     from component.template import resolve_template as resolve_for_tokenizer
 

@@ -114,7 +114,9 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             grad = grad.to(hidden.dtype)
             if need_h:
                 grad_h[start:start + chunk] = grad @ weight
-            if need_w:
+            if need_w and h.dtype == grad_w.dtype:
+                grad_w.addmm_(grad.t(), h)  # in place: no (vocab x hidden) temporary per chunk
+            elif need_w:
                 grad_w += (grad.t() @ h).float()
             if need_b:
                 grad_b += grad.float().sum(0)

@@ -30,8 +30,10 @@ from component.outputs import META_FILE, read_meta
 from component.template import Message, TemplateError, render
 
 MERGE_BASES = ("dequantized", "original")
-# Measured on a tiny Llama (tests/test_merge.py) and stated in the README:
-# dequantized reproduces the trained QLoRA model; original does not.
+# Relative logit error against the trained 4-bit + adapter model (script/merge_lora.py):
+#   tiny Llama, fp32:         dequantized 1.6e-07, original 8.4e-02 (tests/test_merge.py)
+#   tiny Llama, bf16:         dequantized 1.8e-03, original 8.4e-02 (bf16 compute noise)
+#   SmolLM2-135M, fp32, 8 st: dequantized 1.7e-06, original 3.3e-01
 DEFAULT_QLORA_MERGE_BASE = "dequantized"
 QUANTIZED_MODES = ("qlora",)
 # Files that would make a stale output folder load the wrong weights.

@@ -90,7 +90,7 @@ def _band_mask(length: int, window: int, device) -> torch.Tensor:
 
 def _attend_segments(query, key, value, bounds, scaling, dropout, sliding_window) -> torch.Tensor:
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
         length = end - start
         if sliding_window is not None and length > sliding_window:

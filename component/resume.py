@@ -144,13 +144,14 @@ def newest_complete(output_dir: str | Path) -> NewestCheckpoint:
 
 
 def pickle_weight_files(folder: str | Path) -> list[str]:
-    """Weight files in pickle format (not the Trainer's own weights_only state files)."""
+    """Weight files in pickle format at the top of `folder`, where from_pretrained and
+    the Trainer look (not the Trainer's own weights_only state files)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(
-        str(f.relative_to(folder))
-        for f in folder.rglob("*")
+        f.name
+        for f in folder.iterdir()
         if f.is_file() and f.suffix in PICKLE_WEIGHT_SUFFIXES and not TRAINER_STATE_PICKLES.match(f.name)
     )
 
@@ -161,7 +162,7 @@ def pickle_problem(folder: str | Path, what: str, allowed: bool) -> Optional[str
         return None
     folder = Path(folder)
     pickles = pickle_weight_files(folder)
-    if not pickles or any(folder.rglob(f"*{SAFETENSORS_SUFFIX}")):
+    if not pickles or any(folder.glob(f"*{SAFETENSORS_SUFFIX}")):
         return None
     return (
         f"{what} {str(folder)!r} holds weights only as pickle files ({', '.join(pickles[:3])}), and loading a "

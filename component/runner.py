@@ -12,7 +12,7 @@ from typing import Callable
 from loguru import logger
 from transformers import Trainer, set_seed
 
-from component import dpo, pretrain, sft
+from component import distributed, dpo, pretrain, sft
 from component.config import Config, is_main_process, save_config
 from component.logs import log_to_file
 from component.model import load_model, load_tokenizer
@@ -58,6 +58,7 @@ def prepare_output_dir(config: Config, data) -> str:
 
 def run(config: Config) -> Trainer:
     set_seed(config.training.seed)
+    distributed.emulate_launch_for_deepspeed(config.training.deepspeed)  # plain `python train.py`
     check_output_dir(config)
     resume = resolve_resume(config)  # before any work: a wrong resume setting costs nothing
     tokenizer = load_tokenizer(config.model)

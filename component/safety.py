@@ -183,9 +183,10 @@ class NonFiniteGuard(TrainerCallback):
             return
         what = "the loss" if not loss_ok else "the gradients" if not grads_ok else "another rank's loss or gradients"
         step = state.global_step + 1
-        lr = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else args.learning_rate
+        lr = _current_lr(lr_scheduler, args.learning_rate)
         loss_text = f" (last loss {last_loss.float().item()})" if last_loss is not None and not loss_ok else ""
-        if self.skipped < self.max_skipped:
+        # DeepSpeed holds its own gradient copies, which zero_grad here would not clear.
+        if self.skipped < self.max_skipped and not args.deepspeed:
             self.skipped += 1
             model.zero_grad(set_to_none=True)  # the optimizer skips parameters without a gradient
             logger.warning(
@@ -194,6 +195,13 @@ class NonFiniteGuard(TrainerCallback):
             )
             return
         raise NonFiniteError(nonfinite_message(args.output_dir, step, lr, f"{what} became NaN or infinite{loss_text}"))
+
+
+def _current_lr(lr_scheduler, default: float) -> float:
+    try:
+        return float(lr_scheduler.get_last_lr()[0])
+    except (AttributeError, IndexError, TypeError):  # no scheduler, or one without get_last_lr
+        return default
 
 
 def nonfinite_message(output_dir: str, step: int, lr: float, what: str) -> str:

@@ -11,8 +11,9 @@ template. Perplexity is exp(loss).
 With --generate_to, each conversation's last user message is answered and one
 JSON line per conversation is written: the prompt messages, the reply, and the
 reference reply when the file has one. A line whose last turn has no
-"assistant" key is a prompt only (e.g. LIMA's test prompts): it is answered but
-has no loss. Greedy decoding unless --temperature is given.
+"assistant" key is a prompt only: it is answered but has no loss. GAIR's LIMA
+format (`{"conversations": [prompt, reply, ...]}`) is read too, so LIMA's test
+prompts work as they are. Greedy decoding unless --temperature is given.
 """
 
 from __future__ import annotations
@@ -62,8 +63,21 @@ class EvalRecord:
     has_reply: bool
 
 
+def from_gair(obj: dict) -> Union[dict, str]:
+    """GAIR's LIMA format, {"conversations": [human, assistant, ...]}, as ours; an odd count ends in a prompt."""
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        return "'conversations' must be a non-empty list of strings (GAIR's format)"
+    pairs = [turns[i : i + 2] for i in range(0, len(turns), 2)]
+    return {"conversation": [{"human": p[0], **({"assistant": p[1]} if len(p) > 1 else {})} for p in pairs]}
+
+
 def check_eval_line(obj: Any) -> Union[EvalRecord, str]:
-    """Our SFT format, where the last turn may omit "assistant" (a prompt only)."""
+    """Our SFT format, where the last turn may omit "assistant" (a prompt only), or GAIR's."""
+    if isinstance(obj, dict) and "conversations" in obj and "conversation" not in obj:
+        obj = from_gair(obj)
+        if isinstance(obj, str):
+            return obj
     conv = obj.get("conversation") if isinstance(obj, dict) else None
     prompt_only = isinstance(conv, list) and conv and isinstance(conv[-1], dict) and "assistant" not in conv[-1]
     if prompt_only:

@@ -15,8 +15,9 @@ Endpoints: `POST /v1/chat/completions` (plain JSON, or server-sent events with
   traceback: a body that is not JSON, missing or malformed fields, unknown
   roles, a conversation the template cannot render, a prompt that does not
   fit the context.
-- One generation runs at a time; others wait their turn on a first-come lock.
-  A streaming client that disconnects stops its generation.
+- One generation runs at a time; others wait their turn on a first-come lock
+  (beyond --max_queue waiting requests: 429). A client that disconnects stops
+  its generation, streaming or not.
 - Binds to 127.0.0.1 unless told otherwise: there is no authentication.
 """
 
@@ -219,14 +220,25 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-async def complete(service: Service, p: Prepared) -> dict:
-    """A non-streaming completion, generated under the lock in a worker thread."""
+async def cancel_on_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set `cancel` when the client goes away (its body is read: only a disconnect can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    cancel.set()
+
+
+async def complete(service: Service, p: Prepared, request: Request) -> dict:
+    """A non-streaming completion, generated under the lock in a worker thread; a client
+    that goes away meanwhile stops it."""
     cancel = threading.Event()
     async with service.turn():
         outcome = "failed"
         try:
-            reply = await anyio.to_thread.run_sync(lambda: "".join(service.pieces(p, cancel)))
-            outcome = "completed"
+            async with anyio.create_task_group() as watch:
+                pass
+                reply = await anyio.to_thread.run_sync(lambda: "".join(service.pieces(p, cancel)))
+                watch.cancel_scope.cancel()
+            outcome = "cancelled" if cancel.is_set() else "completed"
         finally:
             cancel.set()
             service.stats[outcome] += 1
@@ -355,7 +367,7 @@ def create_app(service: Service) -> FastAPI:
         service.admit()
         if prepared.request.stream:
             return EventStream(stream(service, prepared), headers={"Cache-Control": "no-cache"})
-        return await complete(service, prepared)
+        return await complete(service, prepared, request)
 
     return app
 

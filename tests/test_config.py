@@ -90,10 +90,16 @@ def test_train_py_exits_nonzero_without_traceback_or_output_dir(tmp_path, tiny_l
     assert not out.exists()
 
 
-def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir):
+def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir, monkeypatch):
     from component.config import save_config
 
-    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", hub_token="hf_secret"))
+    # A token in the config would be pickled into training_args.bin, so it is refused
+    # (component/safety.py); the environment is where it belongs, and it stays there.
+    with pytest.raises(ConfigError, match="hub_token.*HF_TOKEN"):
+        load_config(["--train_args_file", str(write_config(tmp_path / "t.json", **base_config(
+            tiny_llama_dir, tmp_path / "out", hub_token="hf_secret")))])
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
     config = load_config(["--train_args_file", str(cfg)])
     path = save_config(config, str(tmp_path))
     text = path.read_text()

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from safetensors.torch import load_file
 import train
 from component import distributed
 from component.config import CONFIG_FILE_FLAG, load_config
+from component.distributed import free_port
 from component.errors import USER_ERROR_EXIT_CODE
 from tests.conftest import ROOT, base_config, write_config
 
@@ -55,12 +57,6 @@ AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_acc
 # ---------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -73,15 +69,34 @@ def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
-def check_launch(procs: list[subprocess.Popen]) -> None:
-    outputs = [p.communicate(timeout=LAUNCH_TIMEOUT_S)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, f"{' '.join(p.args[:8])} ... exited {p.returncode}:\n{out[-6000:]}"
-
-
 def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    """Start a launcher; its output goes to a file (a full pipe would stall a rank and hang its peers)."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def check_launch(procs: list[subprocess.Popen]) -> None:
+    """Wait for every launcher; on a timeout end their process groups. Each must exit 0."""
+    try:
+        for p in procs:
+            p.wait(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.poll() is None:  # SIGTERM first: torchrun passes it on to its ranks
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+    for p in procs:
+        p.log.seek(0)
+        out = p.log.read()
+        p.log.close()
+        assert p.returncode == 0, f"{' '.join(map(str, p.args[:8]))} ... exited {p.returncode}:\n{out[-6000:]}"
 
 
 def make_config(tmp: Path, model_dir: Path, name: str, mode: str, batch: int, **extra) -> Path:
@@ -167,8 +182,15 @@ def single(work, tiny_llama_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def ddp(work, tiny_llama_dir) -> dict[str, Path]:
-    """torchrun, one node, 2 ranks: full then LoRA in one launch."""
-    cfgs = [make_config(work, tiny_llama_dir, f"ddp_{m}", m, PER_RANK_BATCH) for m in ("full", "lora")]
+    """torchrun, one node, 2 ranks: full then LoRA in one launch.
+
+    LoRA runs with reentrant gradient checkpointing: DDP's unused-parameter
+    search (transformers' default for a peft model) fails there ("Expected to
+    mark a variable ready only once"), so this also proves our default.
+    """
+    cfgs = [make_config(work, tiny_llama_dir, "ddp_full", "full", PER_RANK_BATCH),
+            make_config(work, tiny_llama_dir, "ddp_lora", "lora", PER_RANK_BATCH, gradient_checkpointing=True,
+                        gradient_checkpointing_kwargs={"use_reentrant": True})]
     port = free_port()
     check_launch([start(torchrun(f"--nproc_per_node={RANKS}", "--master_addr=127.0.0.1", f"--master_port={port}",
                                  str(WORKER), *map(str, cfgs)))])
@@ -242,6 +264,14 @@ def test_deepspeed_launcher_matches_one_process(work, tiny_llama_dir, single):
     assert_logged_once(work / "launcher_lora")
 
 
+def test_deepspeed_without_a_launcher_runs_as_one_rank(work, tiny_llama_dir, single):
+    """`python train.py` with `deepspeed` set: one rank (DeepSpeed alone would look for MPI)."""
+    cfg = make_config(work, tiny_llama_dir, "ds_plain_lora", "lora", RANKS * PER_RANK_BATCH,
+                      deepspeed=str(DS_CONFIGS["z3"]))
+    check_launch([start([sys.executable, "train.py", CONFIG_FILE_FLAG, str(cfg)])])
+    assert_same_training(work / "ds_plain_lora", single["lora"], "lora")
+
+
 @pytest.mark.slow
 def test_deepspeed_zero3_offload_matches_one_process(work, tiny_llama_dir, single):
     """CPU offload uses DeepSpeed's own AdamW (DeepSpeedCPUAdam): its op compiles on first use."""
@@ -276,6 +306,15 @@ def test_torchrun_on_cpu_sets_gloo_and_cpu_process_group(monkeypatch):
     assert out["use_cpu"] is True and out["ddp_backend"] == "gloo"
     out = distributed.prepare_training_kwargs({"ddp_backend": "mpi", "ddp_find_unused_parameters": True}, "qlora")
     assert out["ddp_backend"] == "mpi" and out["ddp_find_unused_parameters"] is True  # the user's values win
+
+
+def test_plain_python_with_deepspeed_gets_a_one_rank_environment(monkeypatch):
+    monkeypatch.setattr(os, "environ", {})
+    assert not distributed.emulate_launch_for_deepspeed(None)
+    assert os.environ == {}
+    assert distributed.emulate_launch_for_deepspeed("ds.json")
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert not distributed.emulate_launch_for_deepspeed("ds.json")  # launched (or already set): left alone
 
 
 @pytest.mark.parametrize("mode,expected", [("lora", False), ("full", None)])

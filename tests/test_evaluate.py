@@ -48,14 +48,16 @@ def test_trained_model_has_lower_loss_than_base(tmp_path, tiny_llama_dir, traine
 def test_generate_to_writes_one_line_per_prompt(tmp_path, trained_dir):
     lines = TINY_SFT.read_text().splitlines()[:3]
     lines.append(json.dumps({"system": "Be brief.", "conversation": [{"human": "Only a prompt here."}]}))
+    lines.append(json.dumps({"conversations": ["A LIMA test prompt, GAIR's format."], "source": "lima"}))
     eval_file = tmp_path / "mixed.jsonl"
     eval_file.write_text("\n".join(lines) + "\n")
     gen = tmp_path / "gen" / "replies.jsonl"
     metrics = run_evaluate(tmp_path, "--model", str(trained_dir), "--eval_file", str(eval_file),
                            "--generate_to", str(gen), "--max_new_tokens", "5", "--batch_size", "2")
     rows = [json.loads(x) for x in gen.read_text().splitlines()]
-    assert metrics["generated"] == len(rows) == 4 and metrics["examples"] == 3
-    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    assert metrics["generated"] == len(rows) == 5 and metrics["examples"] == 3
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[4]["messages"] == [{"role": "user", "content": "A LIMA test prompt, GAIR's format."}]
     assert rows[0]["prompt"] == "What is two plus two?" and rows[0]["reference"] == "Two plus two is four."
     assert [m["role"] for m in rows[2]["messages"]] == ["user", "assistant", "user"]
     assert rows[3]["reference"] is None and rows[3]["messages"][0] == {"role": "system", "content": "Be brief."}

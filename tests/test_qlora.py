@@ -124,3 +124,12 @@ def test_qlora_trains_on_gpu(tmp_path, tiny_llama_dir, monkeypatch):
     assert next(trainer.model.parameters()).device.type == "cuda"
     losses = _losses(trainer)
     assert losses[-1] < losses[0]
+
+
+def test_qlora_refuses_gguf_with_a_clear_message(tmp_path):
+    from component.errors import ConfigError
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"'train_mode': 'qlora' cannot load a \.gguf file"):
+        _config(tmp_path, gguf)

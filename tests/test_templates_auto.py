@@ -63,3 +63,14 @@ def test_build_data_resolves_auto_and_missing_template_name(tmp_path, tiny_llama
     named = load_config(["--train_args_file", str(write_config(tmp_path / "n.json", **{**values, "template_name": "smollm"}))])
     assert data.train["labels"] == build_data(named, tok).train["labels"]
     assert data.summary.supervised_tokens > 0
+
+
+def test_auto_on_the_llama2_template_matches_the_named_one():
+    from tests.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer(bos="<s>", eos="</s>")
+    tok.chat_template = (TOKENIZERS.parent / "chat_templates" / "llama2.jinja").read_text()
+    auto = resolve_template("auto", tok)
+    assert auto.stop_word == "</s>"
+    for case, msgs in CASES.items():
+        assert encode(tok, render(auto, tok, msgs)) == encode(tok, render(get_template("llama2"), tok, msgs)), case
