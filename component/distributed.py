@@ -42,6 +42,8 @@ ACCELERATE_DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"
 DEFAULT_DDP_TIMEOUT_S = 1800
 ADAPTER_MODES = ("lora", "qlora")
 LOOPBACK = "127.0.0.1"
+# ZeRO-3 key: gather the sharded weights into one state dict when saving.
+GATHER_ON_SAVE = "stage3_gather_16bit_weights_on_model_save"
 
 
 def is_launched() -> bool:
@@ -164,7 +166,13 @@ def deepspeed_problems(values: dict[str, Any]) -> list[str]:
                 f"{where}: its optimizer {opt.get('type')!r} would replace optim {optim!r}; remove the "
                 "'optimizer' block, or use an AdamW optim with an AdamW block"
             )
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage == 3 and values.get("train_mode") == "full" and zero.get(GATHER_ON_SAVE) is not True:
+        problems.append(
+            f"{where}: ZeRO-3 full fine-tuning needs \"{GATHER_ON_SAVE}\": true; without it the saved "
+            "model holds no weights (only DeepSpeed's sharded checkpoint, for zero_to_fp32.py)"
+        )
     if stage == 3 and values.get("train_mode") == "qlora":
         problems.append(
             f"{where}: ZeRO-3 with train_mode 'qlora' is not supported: ZeRO-3 shards every weight, and the 4-bit "

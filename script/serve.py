@@ -235,7 +235,7 @@ async def complete(service: Service, p: Prepared, request: Request) -> dict:
         outcome = "failed"
         try:
             async with anyio.create_task_group() as watch:
-                pass
+                watch.start_soon(cancel_on_disconnect, request, cancel)
                 reply = await anyio.to_thread.run_sync(lambda: "".join(service.pieces(p, cancel)))
                 watch.cancel_scope.cancel()
             outcome = "cancelled" if cancel.is_set() else "completed"

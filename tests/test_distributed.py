@@ -369,6 +369,16 @@ def test_deepspeed_optimizer_that_replaces_optim_is_refused(tmp_path):
     assert distributed.deepspeed_problems({"deepspeed": ds, "optim": "adafactor"})
 
 
+def test_zero3_full_without_gathered_save_is_refused(tmp_path):
+    ds = json.loads(DS_CONFIGS["z3"].read_text())
+    ds["zero_optimization"][distributed.GATHER_ON_SAVE] = False
+    (tmp_path / "z3.json").write_text(json.dumps(ds))
+    problems = distributed.deepspeed_problems({"deepspeed": str(tmp_path / "z3.json"), "train_mode": "full"})
+    assert len(problems) == 1 and distributed.GATHER_ON_SAVE in problems[0]
+    # LoRA saves only the adapter, which the Trainer gathers under ZeRO-3 either way.
+    assert distributed.deepspeed_problems({"deepspeed": str(tmp_path / "z3.json"), "train_mode": "lora"}) == []
+
+
 def test_zero3_with_qlora_is_refused_with_reason():
     problems = distributed.deepspeed_problems({"deepspeed": str(DS_CONFIGS["z3"]), "train_mode": "qlora"})
     assert len(problems) == 1 and "ZeRO-3" in problems[0] and "qlora" in problems[0]

@@ -22,7 +22,7 @@ from component.template import Message, generation_prompt
 from script import serve
 from tests.conftest import ROOT, base_config, write_config
 
-STARTUP_TIMEOUT_S = 10  # generous: the CPUs are shared; only a guard against hanging forever
+STARTUP_TIMEOUT_S = 120  # generous: the CPUs are shared; only a guard against hanging forever
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
 
 
