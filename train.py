@@ -12,7 +12,7 @@ import sys
 
 from loguru import logger
 
-from component.config import load_config
+from component.config import HELP_FLAGS, describe_keys, load_config
 from component.errors import USER_ERROR_EXIT_CODE, UserError
 from component.logs import setup_logging
 from component.runner import run
@@ -20,8 +20,12 @@ from component.runner import run
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if any(flag in argv for flag in HELP_FLAGS):
+        print(describe_keys())
+        return 0
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv)
+        config = load_config(argv)
         run(config)
     except UserError as exc:
         logger.error(str(exc))

@@ -469,6 +469,10 @@ BUILTIN_CHECKS = (
 
 def check_values(values: dict[str, Any]) -> list[str]:
     problems: list[str] = []
+    # The task and model modules register their checks in VALIDATORS when
+    # imported; import them here so a check never depends on import order.
+    import component.runner  # noqa: F401
+
     for check in (*BUILTIN_CHECKS, *VALIDATORS):
         problems += check(values)
     return problems
@@ -516,6 +520,22 @@ def _build(values: dict[str, Any], source: str) -> Config:
     except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"{source}: invalid training arguments: {exc}") from None
     return Config(parts[ModelArguments], parts[DataArguments], parts[MethodArguments], training, source)
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def describe_keys() -> str:
+    """Every key of our dataclasses with its default and help text (TrainingArguments' are documented upstream)."""
+    lines = [f"usage: train.py {CONFIG_FILE_FLAG} FILE.json [--key value ...]", ""]
+    for cls in ARGUMENT_CLASSES[:3]:
+        lines.append(f"{cls.__name__}: {cls.__doc__}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} (default {default!r}): {f.metadata.get('help', '')}")
+        lines.append("")
+    lines.append("Every field of transformers.TrainingArguments is a key too (learning_rate, num_train_epochs, ...).")
+    return "\n".join(lines)
 
 
 def load_values(argv: list[str]) -> tuple[dict[str, Any], str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from loguru import logger
 from transformers import TrainerCallback
@@ -24,9 +25,17 @@ def setup_logging() -> None:
     logger.add(sys.stderr, level="INFO" if is_main_process() else "WARNING", format=LOG_FORMAT)
 
 
+_file_sink: Optional[int] = None
+
+
 def log_to_file(output_dir: str) -> None:
-    if is_main_process():
-        logger.add(Path(output_dir) / LOG_FILE, level="INFO", format=LOG_FORMAT)
+    """Send the log to output_dir/train.log, replacing the previous run's file in this process."""
+    global _file_sink
+    if not is_main_process():
+        return
+    if _file_sink is not None:
+        logger.remove(_file_sink)
+    _file_sink = logger.add(Path(output_dir) / LOG_FILE, level="INFO", format=LOG_FORMAT)
 
 
 class LogCallback(TrainerCallback):

@@ -104,3 +104,9 @@ def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir, monk
     path = save_config(config, str(tmp_path))
     text = path.read_text()
     assert "hf_secret" not in text and '"lora_rank": 8' in text and '"template_name": "chatml"' in text
+
+
+def test_help_lists_our_keys():
+    proc = run_train("--help")
+    assert proc.returncode == 0
+    assert "lora_rank (default 64)" in proc.stdout and "template_name" in proc.stdout
