@@ -8,8 +8,9 @@ for the whole file, so one run shows all of them at once.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, NamedTuple, Union
 
 from component.errors import DataError, format_problems
 

@@ -18,14 +18,14 @@ from component.config import is_main_process
 
 LOG_FILE = "train.log"
 LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | {message}"
+_file_sink: Optional[int] = None  # loguru id of the current train.log sink
 
 
 def setup_logging() -> None:
-    logger.remove()
+    global _file_sink
+    logger.remove()  # every sink, the previous run's train.log included
+    _file_sink = None
     logger.add(sys.stderr, level="INFO" if is_main_process() else "WARNING", format=LOG_FORMAT)
-
-
-_file_sink: Optional[int] = None
 
 
 def log_to_file(output_dir: str) -> None:

@@ -6,8 +6,8 @@ runs before `output_dir` is created, so a bad run leaves nothing behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 from transformers import Trainer, set_seed

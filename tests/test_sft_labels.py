@@ -20,7 +20,7 @@ def tok():
 def supervised_text(tok, ids, labels):
     """The supervised tokens, decoded run by run."""
     runs, current = [], []
-    for i, lab in zip(ids, labels):
+    for i, lab in zip(ids, labels, strict=True):
         if lab != IGNORE_INDEX:
             assert lab == i
             current.append(i)

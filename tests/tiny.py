@@ -41,7 +41,7 @@ CORPUS = [
 VOCAB_SIZE = 512
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer_json() -> str:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
