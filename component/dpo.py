@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
 from datasets import Dataset
-from loguru import logger
 from transformers import TrainingArguments
 
 from component.config import VALIDATORS, Config
 from component.jsonl import Problem, raise_problems, read_jsonl
-from component.sft import TaskData
+from component.sft import TaskData, build_splits
 from component.sft_data import SKIP_HINT
 from component.template import (
     IGNORE_INDEX,
@@ -277,13 +276,7 @@ def build_data(config: Config, tokenizer) -> TaskData:
         max_prompt_len=config.data.max_prompt_length,
         skip_invalid=config.data.skip_invalid_examples,
     )
-    train = build_preference_dataset(config.data.train_file, **args)
-    logger.info(f"train data {config.data.train_file}: {train.summary.describe()}")
-    eval_ds = None
-    if config.data.eval_file:
-        ev = build_preference_dataset(config.data.eval_file, **args)
-        logger.info(f"eval data {config.data.eval_file}: {ev.summary.describe()}")
-        eval_ds = ev.dataset
+    train, eval_ds = build_splits(config, build_preference_dataset, **args)
     return TaskData(train.dataset, eval_ds, None, train.summary, train.problems)
 
 

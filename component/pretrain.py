@@ -39,7 +39,7 @@ from loguru import logger
 from component.config import VALIDATORS, Config
 from component.jsonl import Problem, jsonl_files, raise_problems, read_jsonl
 from component.model_types import model_type_info
-from component.sft import TaskData
+from component.sft import TaskData, build_splits
 from component.sft_data import SKIP_HINT
 from component.template import IGNORE_INDEX
 
@@ -402,13 +402,7 @@ def build_data(config: Config, tokenizer) -> TaskData:
     )
     # Under DDP the main process builds the cache; the others wait, then read it.
     with config.training.main_process_first(desc="pretrain data"):
-        train = load_packed(config.data.train_file, **args)
-        logger.info(f"train data {config.data.train_file}: {train.summary.describe()}")
-        eval_ds = None
-        if config.data.eval_file:
-            ev = load_packed(config.data.eval_file, **args)
-            logger.info(f"eval data {config.data.eval_file}: {ev.summary.describe()}")
-            eval_ds = ev.dataset
+        train, eval_ds = build_splits(config, load_packed, **args)
     collator = PackedCollator(tokenizer.pad_token_id)  # the mode is chosen once the model is loaded
     return TaskData(train.dataset, eval_ds, collator, train.summary, train.problems)
 

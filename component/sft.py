@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 from datasets import Dataset
 from loguru import logger
@@ -27,6 +28,17 @@ class TaskData(NamedTuple):
     problems: list
 
 
+def build_splits(config: Config, build: Callable, **args) -> tuple[Any, Optional[Dataset]]:
+    """Build the train split and, when eval_file is set, the eval split, logging each summary."""
+    train = build(config.data.train_file, **args)
+    logger.info(f"train data {config.data.train_file}: {train.summary.describe()}")
+    if not config.data.eval_file:
+        return train, None
+    ev = build(config.data.eval_file, **args)
+    logger.info(f"eval data {config.data.eval_file}: {ev.summary.describe()}")
+    return train, ev.dataset
+
+
 def build_data(config: Config, tokenizer) -> TaskData:
     # Named or the tokenizer's own ('auto', or no template_name); refused where tokens are missing.
     template = resolve_template(config.data.template_name, tokenizer, config.model.model_name_or_path)
@@ -37,16 +49,10 @@ def build_data(config: Config, tokenizer) -> TaskData:
         num_workers=config.data.tokenize_num_workers,
         skip_invalid=config.data.skip_invalid_examples,
     )
-    train = build_sft_dataset(config.data.train_file, **args)
-    logger.info(f"train data {config.data.train_file}: {train.summary.describe()}")
+    train, eval_ds = build_splits(config, build_sft_dataset, **args)
     note = pad_eos_note(template, tokenizer, train.dataset[0]["labels"])
     if note:
         logger.log(note[0].upper(), note[1])
-    eval_ds = None
-    if config.data.eval_file:
-        ev = build_sft_dataset(config.data.eval_file, **args)
-        logger.info(f"eval data {config.data.eval_file}: {ev.summary.describe()}")
-        eval_ds = ev.dataset
     return TaskData(train.dataset, eval_ds, choose_collator(config, tokenizer), train.summary, train.problems)
 
 
