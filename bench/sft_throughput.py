@@ -69,31 +69,93 @@ class ModelSpec:
 
 MODELS = {
     "tiny_llama": ModelSpec(
-        "tiny_llama", "Tiny Llama (hidden 256, 4 layers, SmolLM2's 49,152 vocab), fp32, full", "tiny_llama",
-        arch=dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, tie_word_embeddings=True, max_position_embeddings=2048)),
+        "tiny_llama",
+        "Tiny Llama (hidden 256, 4 layers, SmolLM2's 49,152 vocab), fp32, full",
+        "tiny_llama",
+        arch=dict(
+            hidden_size=256,
+            intermediate_size=640,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            max_position_embeddings=2048,
+        ),
+    ),
     "smollm2_lora": ModelSpec(
-        "smollm2_lora", "SmolLM2-135M-Instruct (real weights), fp32, LoRA r16 all-linear", "smollm2",
-        lora=True, conversations=48, max_len=512, steps=8),
+        "smollm2_lora",
+        "SmolLM2-135M-Instruct (real weights), fp32, LoRA r16 all-linear",
+        "smollm2",
+        lora=True,
+        conversations=48,
+        max_len=512,
+        steps=8,
+    ),
     "gemma256k": ModelSpec(
-        "gemma256k", "Tiny Gemma-shaped (hidden 256, 2 layers, 256,000 vocab), fp32, full, batch 1", "tiny_gemma",
-        vocab=256000, conversations=32, batch=1, steps=8,
-        arch=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1, head_dim=64, max_position_embeddings=2048)),
+        "gemma256k",
+        "Tiny Gemma-shaped (hidden 256, 2 layers, 256,000 vocab), fp32, full, batch 1",
+        "tiny_gemma",
+        vocab=256000,
+        conversations=32,
+        batch=1,
+        steps=8,
+        arch=dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=64,
+            max_position_embeddings=2048,
+        ),
+    ),
     # One GPU, bf16 (bench/gpu.sh).
     "smollm2_lora_gpu": ModelSpec(
-        "smollm2_lora_gpu", "SmolLM2-135M-Instruct, bf16, LoRA r16 all-linear, one GPU", "smollm2",
-        lora=True, conversations=1024, batch=8, max_len=1024, steps=40, threads=8, device="cuda", bf16=True),
+        "smollm2_lora_gpu",
+        "SmolLM2-135M-Instruct, bf16, LoRA r16 all-linear, one GPU",
+        "smollm2",
+        lora=True,
+        conversations=1024,
+        batch=8,
+        max_len=1024,
+        steps=40,
+        threads=8,
+        device="cuda",
+        bf16=True,
+    ),
     "llama1b_gpu": ModelSpec(
-        "llama1b_gpu", "Random Llama ~1.1B (TinyLlama shape, SmolLM2 vocab), bf16, full, one GPU", "tiny_llama",
-        conversations=1024, batch=8, max_len=1024, steps=25, threads=8, device="cuda", bf16=True,
-        arch=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                  num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=2048)),
+        "llama1b_gpu",
+        "Random Llama ~1.1B (TinyLlama shape, SmolLM2 vocab), bf16, full, one GPU",
+        "tiny_llama",
+        conversations=1024,
+        batch=8,
+        max_len=1024,
+        steps=25,
+        threads=8,
+        device="cuda",
+        bf16=True,
+        arch=dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+        ),
+    ),
 }
 CPU_MODELS = ("tiny_llama", "smollm2_lora", "gemma256k")
 # Dense bf16 peak of common GPUs (FLOP/s), matched on torch.cuda.get_device_name(); BENCH_PEAK_TFLOPS overrides.
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                 "4090": 165e12}
+GPU_BF16_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+}
 
 
 # ---------------------------------------------------------------- preparation (orchestrator)
@@ -148,8 +210,9 @@ def prepare_model(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> Path:
     if spec.build == "smollm2":
         from component.model import detach_gguf_quantizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(GGUF.resolve().parent), gguf_file=GGUF.resolve().name,
-                                                     dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(GGUF.resolve().parent), gguf_file=GGUF.resolve().name, dtype=torch.float32
+        )
         detach_gguf_quantizer(model)
     elif spec.build == "tiny_llama":
         model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=spec.vocab, **spec.arch, **ids))
@@ -195,11 +258,26 @@ def step_timer():
 
 def common_args(spec: ModelSpec, out: str) -> dict:
     return dict(
-        output_dir=out, per_device_train_batch_size=spec.batch, gradient_accumulation_steps=1,
-        max_steps=spec.steps, learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0,
-        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
-        gradient_checkpointing=True, bf16=spec.bf16, fp16=False, use_cpu=spec.device == "cpu", disable_tqdm=True,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
+        output_dir=out,
+        per_device_train_batch_size=spec.batch,
+        gradient_accumulation_steps=1,
+        max_steps=spec.steps,
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=SEED,
+        gradient_checkpointing=True,
+        bf16=spec.bf16,
+        fp16=False,
+        use_cpu=spec.device == "cpu",
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
     )
 
 
@@ -213,17 +291,30 @@ def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str):
     from component.sft import choose_collator
     from component.trainer import FinetuneTrainer
 
-    values = {**common_args(spec, out), "model_name_or_path": str(model_dir), "train_file": "unused.jsonl",
-              "template_name": TEMPLATE, "max_seq_length": spec.max_len,
-              "train_mode": "lora" if spec.lora else "full", "lora_rank": 16, "lora_alpha": 32,
-              "lora_dropout": 0.0}
+    values = {
+        **common_args(spec, out),
+        "model_name_or_path": str(model_dir),
+        "train_file": "unused.jsonl",
+        "template_name": TEMPLATE,
+        "max_seq_length": spec.max_len,
+        "train_mode": "lora" if spec.lora else "full",
+        "lora_rank": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+    }
     args = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
     config = load_config(args)
     tokenizer = load_tokenizer(config.model)
     counter = BatchCounter(choose_collator(config, tokenizer))
     model = load_model(config)
-    trainer = FinetuneTrainer(model=model, args=config.training, train_dataset=dataset, data_collator=counter,
-                              processing_class=tokenizer, lean_loss=config.method.lean_loss)
+    trainer = FinetuneTrainer(
+        model=model,
+        args=config.training,
+        train_dataset=dataset,
+        data_collator=counter,
+        processing_class=tokenizer,
+        lean_loss=config.method.lean_loss,
+    )
     return trainer, counter
 
 
@@ -233,8 +324,9 @@ def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if spec.bf16 else torch.float32,
-                                                 attn_implementation=trl_attention(spec))
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if spec.bf16 else torch.float32, attn_implementation=trl_attention(spec)
+    )
     extra = {"padding_free": mode == "trl_padding_free", "packing": mode == "trl_packing"}
     # TRL refuses padding_free with max_length unless packing: the examples are already truncated to max_len.
     max_length = None if mode == "trl_padding_free" else spec.max_len
@@ -244,8 +336,9 @@ def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", bias="none", **lora_settings())
-    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     counter = BatchCounter(trainer.data_collator)
     trainer.data_collator = counter
     return trainer, counter
@@ -312,16 +405,29 @@ def run_one(spec: ModelSpec, config_name: str, model_dir: str, data_dir: str) ->
 
 
 def run_worker(spec: ModelSpec, config_name: str, model_dir: Path, data_dir: Path, timeout: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(spec)), config_name,
-           str(model_dir), str(data_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(spec.threads)}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        json.dumps(asdict(spec)),
+        config_name,
+        str(model_dir),
+        str(data_dir),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": str(spec.threads),
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stderr[-4000:])
         raise RuntimeError(f"{spec.name}/{config_name} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def median_of(runs: list[dict], key: str) -> float:
@@ -340,8 +446,7 @@ def table(spec: ModelSpec, summary: dict, results: dict[str, list[dict]]) -> str
         "|---|---|---|---|---|---|" + ("---|---|" if spec.device == "cuda" else ""),
     ]
     for name, runs in results.items():
-        gpu = (f" {median_of(runs, 'mfu'):.3f} | {median_of(runs, 'peak_gpu_mb'):.0f} |"
-               if spec.device == "cuda" else "")
+        gpu = f" {median_of(runs, 'mfu'):.3f} | {median_of(runs, 'peak_gpu_mb'):.0f} |" if spec.device == "cuda" else ""
         rows.append(
             f"| {name} | {median_of(runs, 'real_tokens_per_s'):.0f} | {median_of(runs, 'padding_fraction'):.3f} | "
             f"{median_of(runs, 'peak_rss_mb'):.0f} | {median_of(runs, 'last_loss'):.4f} | "
@@ -411,7 +516,7 @@ def main(argv: list[str]) -> int:
         model_dir = prepare_model(spec, tokenizer_dir, work)
         results: dict[str, list[dict]] = {c: [] for c in configs}
         for rep in range(args.repeats):
-            order = configs[rep % len(configs):] + configs[: rep % len(configs)]  # alternate who goes first
+            order = configs[rep % len(configs) :] + configs[: rep % len(configs)]  # alternate who goes first
             for config_name in order:
                 result = run_worker(spec, config_name, model_dir, data_dir, args.timeout)
                 results[config_name].append(result)

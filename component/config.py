@@ -58,8 +58,10 @@ class ModelArguments:
     )
     allow_pickle_weights: bool = field(
         default=False,
-        metadata={"help": "Load .bin/.pt/.pth weight files (Python pickles, which can run code when loaded) "
-                          "from the model folder or a checkpoint. Default: safetensors only."},
+        metadata={
+            "help": "Load .bin/.pt/.pth weight files (Python pickles, which can run code when loaded) "
+            "from the model folder or a checkpoint. Default: safetensors only."
+        },
     )
 
 
@@ -86,13 +88,17 @@ class DataArguments:
     )
     padding_free: Optional[bool] = field(
         default=None,
-        metadata={"help": "Concatenate each batch into one row without padding; None: on where the model "
-                          "type is verified for it (component/model_types.py), off for recurrent models."},
+        metadata={
+            "help": "Concatenate each batch into one row without padding; None: on where the model "
+            "type is verified for it (component/model_types.py), off for recurrent models."
+        },
     )
     data_cache_dir: Optional[str] = field(
         default=None,
-        metadata={"help": "Pretrain: folder for the tokenized, packed data cache; default: data_cache/ next to "
-                  "output_dir. Reused only while the files, tokenizer and max_seq_length are unchanged."},
+        metadata={
+            "help": "Pretrain: folder for the tokenized, packed data cache; default: data_cache/ next to "
+            "output_dir. Reused only while the files, tokenizer and max_seq_length are unchanged."
+        },
     )
 
 
@@ -114,18 +120,24 @@ class MethodArguments:
     )
     resume_from_checkpoint: Optional[Union[bool, str]] = field(
         default=None,
-        metadata={"help": "true: resume from the newest complete checkpoint in output_dir; a path: from that "
-                          "checkpoint. Absent while output_dir holds checkpoints: an error saying how to go on."},
+        metadata={
+            "help": "true: resume from the newest complete checkpoint in output_dir; a path: from that "
+            "checkpoint. Absent while output_dir holds checkpoints: an error saying how to go on."
+        },
     )
     max_nonfinite_steps: int = field(
         default=0,
-        metadata={"help": "Optimizer steps with a NaN/inf loss or gradient to skip before the run stops; 0: stop "
-                          "at the first."},
+        metadata={
+            "help": "Optimizer steps with a NaN/inf loss or gradient to skip before the run stops; 0: stop "
+            "at the first."
+        },
     )
     lean_loss: bool = field(
         default=True,
-        metadata={"help": "Apply the output head only where labels are set, in chunks (component/loss.py); "
-                          "false: the model's own full-logits loss."},
+        metadata={
+            "help": "Apply the output head only where labels are set, in chunks (component/loss.py); "
+            "false: the model's own full-logits loss."
+        },
     )
     dpo_beta: float = field(
         default=0.1, metadata={"help": "DPO: strength of the pull towards the reference model (trl's beta)."}
@@ -142,8 +154,10 @@ class MethodArguments:
     )
     dpo_precompute_ref_log_probs: bool = field(
         default=False,
-        metadata={"help": "DPO: score the data with the reference model once before training; full mode then "
-                  "holds no second model copy."},
+        metadata={
+            "help": "DPO: score the data with the reference model once before training; full mode then "
+            "holds no second model copy."
+        },
     )
 
 
@@ -347,7 +361,9 @@ def _suggest(key: str, known: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def merge_sources(file_values: dict[str, Any], cli_pairs: list[tuple[str, Any]], source: str) -> tuple[dict[str, Any], list[str]]:
+def merge_sources(
+    file_values: dict[str, Any], cli_pairs: list[tuple[str, Any]], source: str
+) -> tuple[dict[str, Any], list[str]]:
     """Type-check and merge file values and CLI overrides; returns (values, problems)."""
     table = _field_table()
     hints = {cls: _type_hints(cls) for cls in ARGUMENT_CLASSES}
@@ -374,11 +390,7 @@ def merge_sources(file_values: dict[str, Any], cli_pairs: list[tuple[str, Any]],
 
 
 def _check_required(values: dict[str, Any]) -> list[str]:
-    return [
-        f"key '{k}' is required"
-        for k in ("output_dir", "model_name_or_path", "train_file")
-        if not values.get(k)
-    ]
+    return [f"key '{k}' is required" for k in ("output_dir", "model_name_or_path", "train_file") if not values.get(k)]
 
 
 def _check_choices(values: dict[str, Any]) -> list[str]:
@@ -425,9 +437,7 @@ def _check_lengths(values: dict[str, Any]) -> list[str]:
     if seq <= 1:
         problems.append(f"key 'max_seq_length': must be at least 2, got {seq}")
     if values.get("task_type") == "dpo" and (prompt <= 0 or prompt >= seq):
-        problems.append(
-            f"key 'max_prompt_length': must be between 1 and max_seq_length - 1 ({seq - 1}), got {prompt}"
-        )
+        problems.append(f"key 'max_prompt_length': must be between 1 and max_seq_length - 1 ({seq - 1}), got {prompt}")
     if values.get("tokenize_num_workers", 1) < 1:
         problems.append("key 'tokenize_num_workers': must be at least 1")
     return problems
@@ -441,7 +451,9 @@ def _check_template(values: dict[str, Any]) -> list[str]:
     if name is None:
         if task in ("pretrain", "sft"):  # sft: the tokenizer's chat_template, checked when it is loaded
             return []
-        return [f"key 'template_name' is required for task_type '{task}': one of {', '.join(sorted(TEMPLATES))}, or 'auto'"]
+        return [
+            f"key 'template_name' is required for task_type '{task}': one of {', '.join(sorted(TEMPLATES))}, or 'auto'"
+        ]
     if name != AUTO_TEMPLATE and name not in TEMPLATES:
         hint = suggest_template(name)
         return [f"key 'template_name': unknown template {name!r}{f' (did you mean {hint!r}?)' if hint else ''}"]
@@ -483,7 +495,9 @@ def check_runnable(values: dict[str, Any]) -> list[str]:
     """Problems that stop a run but not a config file's validation."""
     task = values.get("task_type", "sft")
     if task not in IMPLEMENTED_TASK_TYPES and task in TASK_TYPES:
-        return [f"key 'task_type': {task!r} is not implemented yet; implemented: {', '.join(sorted(IMPLEMENTED_TASK_TYPES))}"]
+        return [
+            f"key 'task_type': {task!r} is not implemented yet; implemented: {', '.join(sorted(IMPLEMENTED_TASK_TYPES))}"
+        ]
     return []
 
 

@@ -118,8 +118,14 @@ def emulate_launch_for_deepspeed(deepspeed_config) -> bool:
     """
     if not deepspeed_config or is_launched() or "RANK" in os.environ:
         return False
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR=LOOPBACK, MASTER_PORT=str(free_port()))
+    os.environ.update(
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR=LOOPBACK,
+        MASTER_PORT=str(free_port()),
+    )
     return True
 
 
@@ -170,7 +176,7 @@ def deepspeed_problems(values: dict[str, Any]) -> list[str]:
     stage = zero.get("stage", 0)
     if stage == 3 and values.get("train_mode") == "full" and zero.get(GATHER_ON_SAVE) is not True:
         problems.append(
-            f"{where}: ZeRO-3 full fine-tuning needs \"{GATHER_ON_SAVE}\": true; without it the saved "
+            f'{where}: ZeRO-3 full fine-tuning needs "{GATHER_ON_SAVE}": true; without it the saved '
             "model holds no weights (only DeepSpeed's sharded checkpoint, for zero_to_fp32.py)"
         )
     if stage == 3 and values.get("train_mode") == "qlora":

@@ -63,7 +63,9 @@ def read_jsonl(path: str, check: Checker) -> ReadResult:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                problems.append(Problem(name, lineno, f"not UTF-8 text (byte {exc.start}: {line[exc.start:exc.start + 1]!r})"))
+                problems.append(
+                    Problem(name, lineno, f"not UTF-8 text (byte {exc.start}: {line[exc.start : exc.start + 1]!r})")
+                )
                 continue
             try:
                 obj = json.loads(text)

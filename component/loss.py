@@ -99,7 +99,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            h, t = hidden[start : start + chunk], targets[start : start + chunk]
             raw = F.linear(h, weight, bias).float()
             tanh = torch.tanh(raw / softcap) if softcap else None
             logits = tanh * softcap if softcap else raw
@@ -113,7 +113,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 grad *= 1.0 - tanh * tanh
             grad = grad.to(hidden.dtype)
             if need_h:
-                grad_h[start:start + chunk] = grad @ weight
+                grad_h[start : start + chunk] = grad @ weight
             if need_w and h.dtype == grad_w.dtype:
                 grad_w.addmm_(grad.t(), h)  # in place: no (vocab x hidden) temporary per chunk
             elif need_w:
@@ -140,17 +140,23 @@ def _chunk_loss(head: nn.Module, softcap: Optional[float], hidden: torch.Tensor,
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def head_cross_entropy_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module,
-                           softcap: Optional[float] = None, chunk_elements: Optional[int] = None):
+def head_cross_entropy_sum(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    softcap: Optional[float] = None,
+    chunk_elements: Optional[int] = None,
+):
     """Summed cross-entropy of the head applied to `hidden` rows (N, H) against `targets` (N,)."""
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     chunk = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // max(vocab, 1))
     if _plain_linear(head):
-        return _FusedHeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, softcap, chunk,
-                                            torch.is_grad_enabled())
+        return _FusedHeadCrossEntropy.apply(
+            hidden, head.weight, head.bias, targets, softcap, chunk, torch.is_grad_enabled()
+        )
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, head, softcap, h, t, use_reentrant=False)
         else:

@@ -107,8 +107,9 @@ def _cached_model_type(values: dict) -> Optional[str]:
     if not name or name.endswith(GGUF_SUFFIX):
         return None
     try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True,
-                                            trust_remote_code=bool(values.get("trust_remote_code")))
+        config = AutoConfig.from_pretrained(
+            name, local_files_only=True, trust_remote_code=bool(values.get("trust_remote_code"))
+        )
     except Exception:  # not available offline: apply_lora checks again once the model is loaded
         return None
     return config.model_type
@@ -173,8 +174,10 @@ def load_qlora_base(config: Config, **extra) -> PreTrainedModel:
     kwargs = quantization.quantized_load_kwargs(read_model_type(config.model), dtype)
     model = load_base_model(config.model, dtype, **kwargs, **extra)
     quantization.keep_training_matmul(model)
-    logger.info(f"loaded {quantization.count_quantized(model)} linear layers in 4-bit "
-                f"{quantization.QUANT_TYPE}, compute dtype {dtype}")
+    logger.info(
+        f"loaded {quantization.count_quantized(model)} linear layers in 4-bit "
+        f"{quantization.QUANT_TYPE}, compute dtype {dtype}"
+    )
     return quantization.prepare_for_training(model, config.training.gradient_checkpointing)
 
 
@@ -182,8 +185,10 @@ def warn_precision(model_type: str, dtype: torch.dtype) -> None:
     """Warn when a run's precision differs from the one its model type is known to train well in."""
     recommended = model_type_info(model_type).recommended_dtype
     if recommended and dtype != getattr(torch, recommended):
-        logger.warning(f"{model_type} models are recommended to train in {recommended}; this run uses {dtype} "
-                       "(set fp16 and bf16 to false for fp32)")
+        logger.warning(
+            f"{model_type} models are recommended to train in {recommended}; this run uses {dtype} "
+            "(set fp16 and bf16 to false for fp32)"
+        )
 
 
 def load_model(config: Config) -> PreTrainedModel:
@@ -200,6 +205,8 @@ def load_model(config: Config) -> PreTrainedModel:
         model = apply_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info(f"model {model.config.model_type}: {total:,} parameters, {trainable:,} trainable "
-                f"({100 * trainable / max(total, 1):.2f}%), dtype {torch_dtype(config)}")
+    logger.info(
+        f"model {model.config.model_type}: {total:,} parameters, {trainable:,} trainable "
+        f"({100 * trainable / max(total, 1):.2f}%), dtype {torch_dtype(config)}"
+    )
     return model

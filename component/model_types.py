@@ -80,10 +80,14 @@ MODEL_TYPES: dict[str, ModelTypeInfo] = {
 # to run at all (measured on the CPU: `dt_proj.weight @ x` on a packed 4-bit
 # tensor fails, as does the tied head); the fast path would also read x_proj's
 # and out_proj's packed weights raw, so they stay unquantized too.
-_KERNEL_BYPASS = ("the CUDA fast path (mamba_ssm's mamba_inner_fn) reads {0}.weight directly, "
-                  "so its adapter is saved but never trained")
-_TIED = ("it shares one matrix with {0} in Mamba checkpoints (tied weights), so merging its adapter also "
-         "changes {0}: the merged model's logits would not be base+adapter")
+_KERNEL_BYPASS = (
+    "the CUDA fast path (mamba_ssm's mamba_inner_fn) reads {0}.weight directly, "
+    "so its adapter is saved but never trained"
+)
+_TIED = (
+    "it shares one matrix with {0} in Mamba checkpoints (tied weights), so merging its adapter also "
+    "changes {0}: the merged model's logits would not be base+adapter"
+)
 MAMBA_REFUSED_LORA_TARGETS = (
     ("x_proj", _KERNEL_BYPASS.format("x_proj")),
     ("dt_proj", _KERNEL_BYPASS.format("dt_proj") + "; the PyTorch path reads it raw too (dt_proj.weight @ x)"),
@@ -109,8 +113,11 @@ MODEL_TYPES["mamba"] = ModelTypeInfo(
 MODEL_TYPES["mamba2"] = ModelTypeInfo(
     lora_targets=("in_proj",),
     refused_lora_targets=(
-        ("out_proj", "peft refuses it on Mamba models, and the CUDA fast path "
-                     "(mamba2_split_conv1d_scan_combined) reads out_proj.weight directly"),
+        (
+            "out_proj",
+            "peft refuses it on Mamba models, and the CUDA fast path "
+            "(mamba2_split_conv1d_scan_combined) reads out_proj.weight directly",
+        ),
         ("conv1d", "peft refuses it on Mamba models, and both paths read conv1d.weight directly"),
     ),
     quantization_skip=("out_proj", "lm_head"),
@@ -134,14 +141,18 @@ def lora_target_problems(model_type: str, targets) -> list[str]:
     for name in names:
         if name == ALL_LINEAR:
             default = ", ".join(model_type_info(model_type).lora_targets or ())
-            problems.append(f"key 'lora_target_modules': {ALL_LINEAR!r} would include modules that cannot be "
-                            f"LoRA targets on {model_type} models (refused: {', '.join(sorted(refused))}); "
-                            f"leave the key unset for the default ({default})")
+            problems.append(
+                f"key 'lora_target_modules': {ALL_LINEAR!r} would include modules that cannot be "
+                f"LoRA targets on {model_type} models (refused: {', '.join(sorted(refused))}); "
+                f"leave the key unset for the default ({default})"
+            )
             continue
         module = name.rsplit(".", 1)[-1]
         if module in refused:
-            problems.append(f"key 'lora_target_modules': module {module!r} cannot be a LoRA target on "
-                            f"{model_type} models: {refused[module]}")
+            problems.append(
+                f"key 'lora_target_modules': module {module!r} cannot be a LoRA target on "
+                f"{model_type} models: {refused[module]}"
+            )
     return problems
 
 

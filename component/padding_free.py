@@ -143,8 +143,9 @@ def segment_sdpa_mask(batch_size: int, q_length: int, kv_length: int, attention_
     """
     if attention_mask is None and batch_size == 1 and q_length == kv_length:
         return None
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                     attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(
+        batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs
+    )
 
 
 def register_attention() -> None:

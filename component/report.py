@@ -182,7 +182,9 @@ def plot_losses(log_history: list[dict], path: Path) -> Optional[Path]:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if train:
-        ax.plot(*zip(*train, strict=True), color="tab:blue", marker="." if len(train) < 50 else None, label="train loss")
+        ax.plot(
+            *zip(*train, strict=True), color="tab:blue", marker="." if len(train) < 50 else None, label="train loss"
+        )
     if evals:
         ax.plot(*zip(*evals, strict=True), color="tab:orange", marker="o", label="eval loss")
     ax.set_xlabel("step")
@@ -240,9 +242,13 @@ class RunReportCallback(TrainerCallback, ExportableState):
         return self.earlier_wall_time + time.perf_counter() - self.started
 
     def state(self) -> dict:
-        counts = {"examples": self.tokens.examples, "real_tokens": self.tokens.real_tokens,
-                  "supervised_tokens": self.tokens.supervised_tokens, "batches": self.tokens.batches,
-                  "wall_time_s": self.elapsed() or 0.0}
+        counts = {
+            "examples": self.tokens.examples,
+            "real_tokens": self.tokens.real_tokens,
+            "supervised_tokens": self.tokens.supervised_tokens,
+            "batches": self.tokens.batches,
+            "wall_time_s": self.elapsed() or 0.0,
+        }
         return {"args": {}, "attributes": {"saved_counts": counts}}
 
     def resume_counts(self, state) -> None:
@@ -321,7 +327,11 @@ class RunReportCallback(TrainerCallback, ExportableState):
 
     def write(self, status: str) -> Optional[Path]:
         """Write report.json and loss.png to output_dir (main process only); never raises."""
-        if self.trainer_args is None or not is_main_process() or (self.trainer_state and not self.trainer_state.is_world_process_zero):
+        if (
+            self.trainer_args is None
+            or not is_main_process()
+            or (self.trainer_state and not self.trainer_state.is_world_process_zero)
+        ):
             return None
         out = Path(self.trainer_args.output_dir)
         try:

@@ -46,12 +46,27 @@ TRAINER_STATE_PICKLES = re.compile(r"^(optimizer|scheduler|scaler|rng_state(_\d+
 SAFETENSORS_HEADER_BYTES = 8
 RESUME_FLAG = "--resume_from_checkpoint"
 # Settings that may change between a run and its resumption without changing what it computes.
-RESUME_NEUTRAL_KEYS = frozenset({
-    "resume_from_checkpoint", "overwrite_output_dir", "config_file", "max_nonfinite_steps", "allow_pickle_weights",
-    "output_dir", "run_name",  # a run folder may be moved before it is resumed
-    "logging_dir", "logging_steps", "save_steps", "save_total_limit", "report_to", "disable_tqdm",
-    "tokenize_num_workers", "dataloader_num_workers", "eval_steps", "eval_file",
-})
+RESUME_NEUTRAL_KEYS = frozenset(
+    {
+        "resume_from_checkpoint",
+        "overwrite_output_dir",
+        "config_file",
+        "max_nonfinite_steps",
+        "allow_pickle_weights",
+        "output_dir",
+        "run_name",  # a run folder may be moved before it is resumed
+        "logging_dir",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "report_to",
+        "disable_tqdm",
+        "tokenize_num_workers",
+        "dataloader_num_workers",
+        "eval_steps",
+        "eval_file",
+    }
+)
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -236,7 +251,9 @@ def resolve_resume(config) -> Optional[str]:
         newest = newest_complete(out)
         _warn_skipped(newest.skipped)
         if newest.path is None:
-            found = f"its checkpoints are all incomplete ({len(checkpoints)})" if checkpoints else "it holds no checkpoint"
+            found = (
+                f"its checkpoints are all incomplete ({len(checkpoints)})" if checkpoints else "it holds no checkpoint"
+            )
             raise ConfigError(
                 f"{config.source}: key 'resume_from_checkpoint': nothing to resume in {out!r}: {found}. "
                 "Remove resume_from_checkpoint to start a new run."
@@ -269,7 +286,6 @@ def resume_command(config) -> str:
     """The command line that resumes this run."""
     source = config.source if config.source and config.source != "command line" else "CONFIG.json"
     return f"python train.py --train_args_file {source} {RESUME_FLAG} true"
-
 
 
 class CheckpointMarker(TrainerCallback):

@@ -208,7 +208,8 @@ def nonfinite_message(output_dir: str, step: int, lr: float, what: str) -> str:
     newest = newest_complete(output_dir).path
     kept = (
         f"The last good checkpoint is kept: {newest} (resume from it after the fix)."
-        if newest else "No checkpoint was saved before this step."
+        if newest
+        else "No checkpoint was saved before this step."
     )
     causes = "\n".join(f"  - {c}" for c in NONFINITE_CAUSES)
     return (

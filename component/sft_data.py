@@ -50,7 +50,7 @@ def check_conversation(obj: Any) -> Union[dict, str]:
         return "'system': invalid Unicode (a lone surrogate escape such as \\ud800)"
     conv = obj["conversation"]
     if not isinstance(conv, list) or not conv:
-        return "'conversation' must be a non-empty list of {\"human\": ..., \"assistant\": ...} turns"
+        return '\'conversation\' must be a non-empty list of {"human": ..., "assistant": ...} turns'
     for i, turn in enumerate(conv):
         if not isinstance(turn, dict):
             return f"conversation[{i}]: expected an object, got {type(turn).__name__}"

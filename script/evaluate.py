@@ -130,8 +130,9 @@ def summed_nll(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
     logits = logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return nll.item(), int((targets != IGNORE_INDEX).sum())
 
 
@@ -183,8 +184,14 @@ def cut_reply(tokenizer, ids: list[int], stop_ids: set[int], stop_text: str) -> 
     return text.split(stop_text)[0] if stop_text else text
 
 
-def generate_replies(prompts: Sequence[list[Message]], loaded: LoadedModel, batch_size: int,
-                     max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+def generate_replies(
+    prompts: Sequence[list[Message]],
+    loaded: LoadedModel,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> Iterator[str]:
     """Replies in prompt order, generated in left-padded batches (one at a time for recurrent models)."""
     tok, model = loaded.tokenizer, loaded.model
     if model_type_info(model.config.model_type).recurrent:
@@ -205,7 +212,7 @@ def generate_replies(prompts: Sequence[list[Message]], loaded: LoadedModel, batc
         enc = tok(list(group), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**enc.to(device), generation_config=config)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
             yield cut_reply(tok, row, set(stop_ids), loaded.template.stop_text(tok))
 
 
@@ -251,8 +258,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    problems = [f"--{name} must be at least 1, got {getattr(args, name)}"
-                for name in ("batch_size", "max_new_tokens") if getattr(args, name) < 1]
+    problems = [
+        f"--{name} must be at least 1, got {getattr(args, name)}"
+        for name in ("batch_size", "max_new_tokens")
+        if getattr(args, name) < 1
+    ]
     if args.max_seq_length is not None and args.max_seq_length < 2:
         problems.append(f"--max_seq_length must be at least 2, got {args.max_seq_length}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -276,8 +286,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     records = read_eval_file(args.eval_file)
     loaded = load_for_inference(args.model, args.adapter, args.template, args.dtype, args.load_in_4bit)
     max_len = run_max_seq_length(args)
-    logger.info(f"{loaded.name}: template {loaded.template.name}, max_seq_length {max_len}, "
-                f"{len(records)} conversations in {args.eval_file}")
+    logger.info(
+        f"{loaded.name}: template {loaded.template.name}, max_seq_length {max_len}, "
+        f"{len(records)} conversations in {args.eval_file}"
+    )
     metrics: dict[str, Any] = {"model": loaded.name, "eval_file": args.eval_file, "max_seq_length": max_len}
     metrics.update(asdict(evaluate_loss(records, loaded, max_len, args.batch_size)))
     if metrics["loss"] is None:

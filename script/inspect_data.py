@@ -73,8 +73,10 @@ def show_example(n: int, record: dict, template, tokenizer, max_len: int, color:
     offsets = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     supervised = sum(1 for x in kept.labels if x != IGNORE_INDEX)
     status = "DROPPED: no supervised token left" if supervised == 0 else ("truncated" if was_cut else "kept whole")
-    header = (f"── example {n}: {len(kept.input_ids)} tokens"
-              f"{f' (of {len(full.input_ids)})' if was_cut else ''}, {supervised} supervised, {status}")
+    header = (
+        f"── example {n}: {len(kept.input_ids)} tokens"
+        f"{f' (of {len(full.input_ids)})' if was_cut else ''}, {supervised} supervised, {status}"
+    )
     return header + "\n" + marked_text(rendered.text, offsets, kept.labels, len(kept.input_ids), color)
 
 
@@ -110,20 +112,25 @@ def run(argv: Sequence[str], out=sys.stdout) -> None:
     args, rest = parse_args(argv)
     config = load_config(["--train_args_file", args.train_args_file, *rest], runnable=False)
     if config.method.task_type != "sft":
-        raise ConfigError(f"inspect_data shows SFT conversations; {args.train_args_file} has task_type "
-                          f"{config.method.task_type!r}")
+        raise ConfigError(
+            f"inspect_data shows SFT conversations; {args.train_args_file} has task_type {config.method.task_type!r}"
+        )
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config.data.template_name, tokenizer, config.model.model_name_or_path)
     color = args.color == "always" or (args.color == "auto" and out.isatty())
     data = config.data
     stop = template.stop_text(tokenizer)
-    print(f"template {template.name!r}: stop token {stop!r} (id {tokenizer.convert_tokens_to_ids(stop)}); "
-          f"source: {template.source}", file=out)
+    print(
+        f"template {template.name!r}: stop token {stop!r} (id {tokenizer.convert_tokens_to_ids(stop)}); "
+        f"source: {template.source}",
+        file=out,
+    )
     records = read_conversations(data.train_file, data.skip_invalid_examples).records
     for n in range(args.index, min(args.index + args.num, len(records))):
         print(show_example(n, records[n], template, tokenizer, data.max_seq_length, color), file=out)
-    built = build_sft_dataset(data.train_file, template, tokenizer, data.max_seq_length,
-                              skip_invalid=data.skip_invalid_examples)
+    built = build_sft_dataset(
+        data.train_file, template, tokenizer, data.max_seq_length, skip_invalid=data.skip_invalid_examples
+    )
     lengths = [len(x) for x in built.dataset["input_ids"]]
     print(report(built.summary, lengths, data.max_seq_length), file=out)
     if args.dump:

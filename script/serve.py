@@ -112,8 +112,14 @@ class ChatRequest(BaseModel):
 class ApiError(Exception):
     """An error answered as OpenAI does: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -151,22 +157,32 @@ class Service:
     generate_fn: GenerateFn = generate
     max_queue: int = DEFAULT_MAX_QUEUE
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    stats: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("requests", "completed", "cancelled", "failed", "active", "max_active", "waiting"), 0))
+    stats: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("requests", "completed", "cancelled", "failed", "active", "max_active", "waiting"), 0
+        )
+    )
 
     def admit(self) -> None:
         """Count a request in, or refuse it when too many already wait for the model."""
         if self.stats["waiting"] >= self.max_queue:
-            raise ApiError(429, f"the server is busy: {self.stats['waiting']} requests are waiting; retry later",
-                           kind="server_busy", code="server_busy")
+            raise ApiError(
+                429,
+                f"the server is busy: {self.stats['waiting']} requests are waiting; retry later",
+                kind="server_busy",
+                code="server_busy",
+            )
         self.stats["requests"] += 1
 
     def prepare(self, req: ChatRequest) -> Prepared:
         messages = []
         for i, m in enumerate(req.messages):
             if m.role not in ROLES:
-                raise ApiError(400, f"messages[{i}].role: {m.role!r} is not supported; use one of "
-                               f"{', '.join(ROLES)}", param=f"messages[{i}].role")
+                raise ApiError(
+                    400,
+                    f"messages[{i}].role: {m.role!r} is not supported; use one of {', '.join(ROLES)}",
+                    param=f"messages[{i}].role",
+                )
             messages.append(Message(ROLES[m.role], m.text()))
         if messages[-1].role != "user":
             raise ApiError(400, "the last message must come from the user", param="messages")
@@ -179,24 +195,38 @@ class Service:
         room = self.context_length - prompt_tokens
         asked = req.max_completion_tokens or req.max_tokens
         if room < 1 or (asked is not None and asked > room):
-            raise ApiError(400, f"this model's context is {self.context_length} tokens; the prompt has "
-                           f"{prompt_tokens} and {asked or 1} more were asked for. Shorten the messages "
-                           "or lower max_tokens.", param="messages", code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's context is {self.context_length} tokens; the prompt has "
+                f"{prompt_tokens} and {asked or 1} more were asked for. Shorten the messages "
+                "or lower max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if len(req.stop_list()) > MAX_STOP_STRINGS:
             raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings", param="stop")
         return Prepared(req, messages, prompt_tokens, asked or min(DEFAULT_MAX_TOKENS, room))
 
     def pieces(self, p: Prepared, cancel: threading.Event):
-        return self.generate_fn(self.loaded, p.messages, max_new_tokens=p.max_tokens,
-                                temperature=p.request.temperature, top_p=p.request.top_p,
-                                stop=p.request.stop_list(), cancel=cancel)
+        return self.generate_fn(
+            self.loaded,
+            p.messages,
+            max_new_tokens=p.max_tokens,
+            temperature=p.request.temperature,
+            top_p=p.request.top_p,
+            stop=p.request.stop_list(),
+            cancel=cancel,
+        )
 
     def usage(self, p: Prepared, reply: str) -> tuple[dict[str, int], str]:
         """Token counts (the reply re-tokenized) and the finish reason."""
         completion = len(self.loaded.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else 0
         finish = "length" if completion >= p.max_tokens else "stop"
-        usage = {"prompt_tokens": p.prompt_tokens, "completion_tokens": completion,
-                 "total_tokens": p.prompt_tokens + completion}
+        usage = {
+            "prompt_tokens": p.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": p.prompt_tokens + completion,
+        }
         return usage, finish
 
     @asynccontextmanager
@@ -248,8 +278,9 @@ async def complete(service: Service, p: Prepared, request: Request) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": service.model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                     "finish_reason": finish, "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish, "logprobs": None}
+        ],
         "usage": usage,
     }
 
@@ -268,8 +299,16 @@ async def stream(service: Service, p: Prepared) -> AsyncIterator[str]:
     cid, created = completion_id(), int(time.time())
 
     def chunk(delta: dict, finish: Optional[str] = None, **extra) -> str:
-        return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": service.model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra})
+        return sse(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": service.model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                **extra,
+            }
+        )
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -293,8 +332,9 @@ async def stream(service: Service, p: Prepared) -> AsyncIterator[str]:
                 if isinstance(item, BaseException):
                     outcome = "failed"
                     logger.opt(exception=item).error("generation failed")
-                    yield sse({"error": {"message": "generation failed", "type": "server_error",
-                                         "param": None, "code": None}})
+                    yield sse(
+                        {"error": {"message": "generation failed", "type": "server_error", "param": None, "code": None}}
+                    )
                     return
                 parts.append(item)
                 yield chunk({"content": item})
@@ -302,8 +342,16 @@ async def stream(service: Service, p: Prepared) -> AsyncIterator[str]:
             include_usage = p.request.stream_options is not None and p.request.stream_options.include_usage
             yield chunk({}, finish, **({"usage": None} if include_usage else {}))
             if include_usage:
-                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created,
-                           "model": service.model_id, "choices": [], "usage": usage})
+                yield sse(
+                    {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": service.model_id,
+                        "choices": [],
+                        "usage": usage,
+                    }
+                )
             yield sse("[DONE]")
             outcome = "completed"
         finally:
@@ -344,8 +392,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return ApiError(exc.status_code, str(exc.detail), code=None if exc.status_code != 404 else "not_found",
-                        kind="invalid_request_error").response()
+        return ApiError(
+            exc.status_code,
+            str(exc.detail),
+            code=None if exc.status_code != 404 else "not_found",
+            kind="invalid_request_error",
+        ).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -354,8 +406,10 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_id, "object": "model",
-                                            "created": 0, "owned_by": "local"}]}
+        return {
+            "object": "list",
+            "data": [{"id": service.model_id, "object": "model", "created": 0, "owned_by": "local"}],
+        }
 
     @app.get("/health")
     async def health():
@@ -411,10 +465,16 @@ def model_id(model: Optional[str], adapter: Optional[str]) -> str:
 
 def build_service(args: argparse.Namespace) -> Service:
     loaded = load_for_inference(args.model, args.adapter, args.template, args.dtype, args.load_in_4bit)
-    service = Service(loaded, args.model_id or model_id(args.model, args.adapter),
-                      context_length(loaded, args.context_length), max_queue=args.max_queue)
-    logger.info(f"serving {loaded.name} as {service.model_id!r}: template {loaded.template.name}, "
-                f"context {service.context_length} tokens")
+    service = Service(
+        loaded,
+        args.model_id or model_id(args.model, args.adapter),
+        context_length(loaded, args.context_length),
+        max_queue=args.max_queue,
+    )
+    logger.info(
+        f"serving {loaded.name} as {service.model_id!r}: template {loaded.template.name}, "
+        f"context {service.context_length} tokens"
+    )
     return service
 
 

@@ -39,8 +39,14 @@ def train_in_process(config_path: Path, *flags: str):
 
 
 def subprocess_env(**extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     env.update(extra)
     return env
 
@@ -50,8 +56,14 @@ def fault_command(fault: str, step: int, config_path: Path, *flags: str) -> list
 
 
 def run_with_fault(fault: str, step: int, config_path: Path, *flags: str, env: Optional[dict] = None):
-    return subprocess.run(fault_command(fault, step, config_path, *flags), cwd=ROOT, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    return subprocess.run(
+        fault_command(fault, step, config_path, *flags),
+        cwd=ROOT,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
 
 
 def step_losses(checkpoint: Path) -> dict[int, float]:

@@ -18,8 +18,18 @@ def run_train(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_overrides_file_values(tmp_path, tiny_llama_dir):
     cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
-    config = load_config(["--train_args_file", str(cfg), "--learning_rate", "5e-5", "--num_train_epochs=2",
-                          "--lora_target_modules", "q_proj,v_proj", "--gradient_checkpointing"])
+    config = load_config(
+        [
+            "--train_args_file",
+            str(cfg),
+            "--learning_rate",
+            "5e-5",
+            "--num_train_epochs=2",
+            "--lora_target_modules",
+            "q_proj,v_proj",
+            "--gradient_checkpointing",
+        ]
+    )
     assert config.training.learning_rate == 5e-5
     assert config.training.num_train_epochs == 2
     assert config.method.lora_target_modules == ["q_proj", "v_proj"]
@@ -44,8 +54,13 @@ def test_all_problems_reported_together(tmp_path, tiny_llama_dir):
     with pytest.raises(ConfigError) as err:
         load_values(["--train_args_file", str(cfg), "--per_device_train_batch_size", "two"])
     msg = str(err.value)
-    for needle in ("'lora_rank'", "expected an integer", "'warmup_stepz'", "did you mean 'warmup_steps'",
-                   "--per_device_train_batch_size"):
+    for needle in (
+        "'lora_rank'",
+        "expected an integer",
+        "'warmup_stepz'",
+        "did you mean 'warmup_steps'",
+        "--per_device_train_batch_size",
+    ):
         assert needle in msg, needle
 
 
@@ -96,8 +111,16 @@ def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir, monk
     # A token in the config would be pickled into training_args.bin, so it is refused
     # (component/safety.py); the environment is where it belongs, and it stays there.
     with pytest.raises(ConfigError, match="hub_token.*HF_TOKEN"):
-        load_config(["--train_args_file", str(write_config(tmp_path / "t.json", **base_config(
-            tiny_llama_dir, tmp_path / "out", hub_token="hf_secret")))])
+        load_config(
+            [
+                "--train_args_file",
+                str(
+                    write_config(
+                        tmp_path / "t.json", **base_config(tiny_llama_dir, tmp_path / "out", hub_token="hf_secret")
+                    )
+                ),
+            ]
+        )
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
     config = load_config(["--train_args_file", str(cfg)])

@@ -30,22 +30,35 @@ CORRUPTIONS = {
     "invalid_json": ([GOOD, '{"conversation": [', GOOD], [(2, "invalid JSON")]),
     "not_an_object": ([GOOD, "[1, 2]"], [(2, "expected a JSON object, got list")]),
     "missing_key": ([conv(messages=[])], [(1, "missing key 'conversation'")]),
-    "unknown_key": ([conv(conversation=[{"human": "a", "assistant": "b"}], answer="x")], [(1, "unknown key(s) answer")]),
+    "unknown_key": (
+        [conv(conversation=[{"human": "a", "assistant": "b"}], answer="x")],
+        [(1, "unknown key(s) answer")],
+    ),
     "missing_turn_key": ([conv(conversation=[{"human": "a"}])], [(1, "conversation[0]: missing key 'assistant'")]),
     "wrong_turn_key": ([conv(conversation=[{"user": "a", "assistant": "b"}])], [(1, "missing key 'human'")]),
     "conversation_not_list": ([conv(conversation="hello")], [(1, "'conversation' must be a non-empty list")]),
     "turn_not_object": ([conv(conversation=["hello"])], [(1, "conversation[0]: expected an object, got str")]),
-    "text_not_string": ([conv(conversation=[{"human": 3, "assistant": "b"}])],
-                        [(1, "conversation[0].human: expected a string, got int")]),
-    "system_not_string": ([conv(system=["x"], conversation=[{"human": "a", "assistant": "b"}])],
-                          [(1, "'system' must be a string, got list")]),
+    "text_not_string": (
+        [conv(conversation=[{"human": 3, "assistant": "b"}])],
+        [(1, "conversation[0].human: expected a string, got int")],
+    ),
+    "system_not_string": (
+        [conv(system=["x"], conversation=[{"human": "a", "assistant": "b"}])],
+        [(1, "'system' must be a string, got list")],
+    ),
     "empty_conversation": ([conv(conversation=[])], [(1, "'conversation' must be a non-empty list")]),
-    "empty_turn": ([GOOD, conv(conversation=[{"human": "a", "assistant": "  "}])],
-                   [(2, "conversation[0].assistant: empty text")]),
-    "lone_surrogate": ([r'{"conversation": [{"human": "\ud800", "assistant": "b"}]}'],
-                       [(1, "conversation[0].human: invalid Unicode")]),
-    "non_utf8": ([GOOD.encode(), b'{"conversation": [{"human": "caf\xe9", "assistant": "b"}]}'],
-                 [(2, "not UTF-8 text")]),
+    "empty_turn": (
+        [GOOD, conv(conversation=[{"human": "a", "assistant": "  "}])],
+        [(2, "conversation[0].assistant: empty text")],
+    ),
+    "lone_surrogate": (
+        [r'{"conversation": [{"human": "\ud800", "assistant": "b"}]}'],
+        [(1, "conversation[0].human: invalid Unicode")],
+    ),
+    "non_utf8": (
+        [GOOD.encode(), b'{"conversation": [{"human": "caf\xe9", "assistant": "b"}]}'],
+        [(2, "not UTF-8 text")],
+    ),
     "empty_file": ([], [(1, "the file is empty")]),
 }
 

@@ -58,8 +58,14 @@ AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_acc
 
 
 def launch_env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -72,8 +78,9 @@ def torchrun(*args: str) -> list[str]:
 def start(cmd: list[str]) -> subprocess.Popen:
     """Start a launcher; its output goes to a file (a full pipe would stall a rank and hang its peers)."""
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     proc.log = log
     return proc
 
@@ -100,9 +107,17 @@ def check_launch(procs: list[subprocess.Popen]) -> None:
 
 
 def make_config(tmp: Path, model_dir: Path, name: str, mode: str, batch: int, **extra) -> Path:
-    values = base_config(model_dir, tmp / name, train_mode=mode, per_device_train_batch_size=batch,
-                         learning_rate=LEARNING_RATE[mode], max_steps=STEPS, save_steps=STEPS,
-                         max_prompt_length=64, **extra)
+    values = base_config(
+        model_dir,
+        tmp / name,
+        train_mode=mode,
+        per_device_train_batch_size=batch,
+        learning_rate=LEARNING_RATE[mode],
+        max_steps=STEPS,
+        save_steps=STEPS,
+        max_prompt_length=64,
+        **extra,
+    )
     return write_config(tmp / f"{name}.json", **values)
 
 
@@ -188,12 +203,32 @@ def ddp(work, tiny_llama_dir) -> dict[str, Path]:
     search (transformers' default for a peft model) fails there ("Expected to
     mark a variable ready only once"), so this also proves our default.
     """
-    cfgs = [make_config(work, tiny_llama_dir, "ddp_full", "full", PER_RANK_BATCH),
-            make_config(work, tiny_llama_dir, "ddp_lora", "lora", PER_RANK_BATCH, gradient_checkpointing=True,
-                        gradient_checkpointing_kwargs={"use_reentrant": True})]
+    cfgs = [
+        make_config(work, tiny_llama_dir, "ddp_full", "full", PER_RANK_BATCH),
+        make_config(
+            work,
+            tiny_llama_dir,
+            "ddp_lora",
+            "lora",
+            PER_RANK_BATCH,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        ),
+    ]
     port = free_port()
-    check_launch([start(torchrun(f"--nproc_per_node={RANKS}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                 str(WORKER), *map(str, cfgs)))])
+    check_launch(
+        [
+            start(
+                torchrun(
+                    f"--nproc_per_node={RANKS}",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    str(WORKER),
+                    *map(str, cfgs),
+                )
+            )
+        ]
+    )
     return {m: work / f"ddp_{m}" for m in ("full", "lora")}
 
 
@@ -203,8 +238,18 @@ def multinode(work, tiny_llama_dir) -> dict[str, Path]:
     cfgs = [make_config(work, tiny_llama_dir, f"nodes_{m}", m, PER_RANK_BATCH) for m in ("full", "lora")]
     endpoint = f"127.0.0.1:{free_port()}"
     procs = [
-        start(torchrun(f"--nnodes={RANKS}", "--nproc_per_node=1", f"--node_rank={node}", "--rdzv_backend=c10d",
-                       f"--rdzv_endpoint={endpoint}", "--rdzv_id=test-multinode", str(WORKER), *map(str, cfgs)))
+        start(
+            torchrun(
+                f"--nnodes={RANKS}",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={endpoint}",
+                "--rdzv_id=test-multinode",
+                str(WORKER),
+                *map(str, cfgs),
+            )
+        )
         for node in range(RANKS)
     ]
     check_launch(procs)
@@ -217,11 +262,24 @@ DS_RUNS = [("z2", "lora"), ("z2", "full"), ("z3", "lora"), ("z3", "full")]
 @pytest.fixture(scope="module")
 def deepspeed_runs(work, tiny_llama_dir) -> dict[tuple[str, str], Path]:
     """torchrun with `deepspeed` in the config, 2 CPU ranks: ZeRO-2 and ZeRO-3, LoRA and full, one launch."""
-    cfgs = [make_config(work, tiny_llama_dir, f"ds_{z}_{m}", m, PER_RANK_BATCH, deepspeed=str(DS_CONFIGS[z]))
-            for z, m in DS_RUNS]
+    cfgs = [
+        make_config(work, tiny_llama_dir, f"ds_{z}_{m}", m, PER_RANK_BATCH, deepspeed=str(DS_CONFIGS[z]))
+        for z, m in DS_RUNS
+    ]
     port = free_port()
-    check_launch([start(torchrun(f"--nproc_per_node={RANKS}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                                 str(WORKER), *map(str, cfgs)))])
+    check_launch(
+        [
+            start(
+                torchrun(
+                    f"--nproc_per_node={RANKS}",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    str(WORKER),
+                    *map(str, cfgs),
+                )
+            )
+        ]
+    )
     return {(z, m): work / f"ds_{z}_{m}" for z, m in DS_RUNS}
 
 
@@ -258,16 +316,30 @@ def test_deepspeed_launcher_matches_one_process(work, tiny_llama_dir, single):
     """`deepspeed --num_gpus 2 train.py ...` runs on a CPU machine too (DeepSpeed's CPU accelerator)."""
     cfg = make_config(work, tiny_llama_dir, "launcher_lora", "lora", PER_RANK_BATCH, deepspeed=str(DS_CONFIGS["z2"]))
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    check_launch([start([launcher, f"--num_gpus={RANKS}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                         "train.py", CONFIG_FILE_FLAG, str(cfg)])])
+    check_launch(
+        [
+            start(
+                [
+                    launcher,
+                    f"--num_gpus={RANKS}",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={free_port()}",
+                    "train.py",
+                    CONFIG_FILE_FLAG,
+                    str(cfg),
+                ]
+            )
+        ]
+    )
     assert_same_training(work / "launcher_lora", single["lora"], "lora")
     assert_logged_once(work / "launcher_lora")
 
 
 def test_deepspeed_without_a_launcher_runs_as_one_rank(work, tiny_llama_dir, single):
     """`python train.py` with `deepspeed` set: one rank (DeepSpeed alone would look for MPI)."""
-    cfg = make_config(work, tiny_llama_dir, "ds_plain_lora", "lora", RANKS * PER_RANK_BATCH,
-                      deepspeed=str(DS_CONFIGS["z3"]))
+    cfg = make_config(
+        work, tiny_llama_dir, "ds_plain_lora", "lora", RANKS * PER_RANK_BATCH, deepspeed=str(DS_CONFIGS["z3"])
+    )
     check_launch([start([sys.executable, "train.py", CONFIG_FILE_FLAG, str(cfg)])])
     assert_same_training(work / "ds_plain_lora", single["lora"], "lora")
 
@@ -275,10 +347,23 @@ def test_deepspeed_without_a_launcher_runs_as_one_rank(work, tiny_llama_dir, sin
 @pytest.mark.slow
 def test_deepspeed_zero3_offload_matches_one_process(work, tiny_llama_dir, single):
     """CPU offload uses DeepSpeed's own AdamW (DeepSpeedCPUAdam): its op compiles on first use."""
-    cfg = make_config(work, tiny_llama_dir, "ds_offload_lora", "lora", PER_RANK_BATCH,
-                      deepspeed=str(DS_CONFIGS["z3_offload"]))
-    check_launch([start(torchrun(f"--nproc_per_node={RANKS}", "--master_addr=127.0.0.1",
-                                 f"--master_port={free_port()}", "train.py", CONFIG_FILE_FLAG, str(cfg)))])
+    cfg = make_config(
+        work, tiny_llama_dir, "ds_offload_lora", "lora", PER_RANK_BATCH, deepspeed=str(DS_CONFIGS["z3_offload"])
+    )
+    check_launch(
+        [
+            start(
+                torchrun(
+                    f"--nproc_per_node={RANKS}",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={free_port()}",
+                    "train.py",
+                    CONFIG_FILE_FLAG,
+                    str(cfg),
+                )
+            )
+        ]
+    )
     assert_same_training(work / "ds_offload_lora", single["lora"], "lora")
 
 
@@ -319,8 +404,9 @@ def test_plain_python_with_deepspeed_gets_a_one_rank_environment(monkeypatch):
 
 @pytest.mark.parametrize("mode,expected", [("lora", False), ("full", None)])
 def test_find_unused_parameters_resolved(tmp_path, tiny_llama_dir, mode, expected):
-    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", train_mode=mode,
-                                                          max_prompt_length=64))
+    cfg = write_config(
+        tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", train_mode=mode, max_prompt_length=64)
+    )
     assert load_config([CONFIG_FILE_FLAG, str(cfg)]).training.ddp_find_unused_parameters is expected
 
 
@@ -337,8 +423,10 @@ def test_shipped_deepspeed_configs(name, tmp_path, tiny_llama_dir):
         assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     if "optimizer" in ds:
         assert all(v == "auto" for v in ds["optimizer"]["params"].values())
-    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", max_prompt_length=64,
-                                                          deepspeed=str(DS_CONFIGS[name])))
+    cfg = write_config(
+        tmp_path / "c.json",
+        **base_config(tiny_llama_dir, tmp_path / "out", max_prompt_length=64, deepspeed=str(DS_CONFIGS[name])),
+    )
     load_config([CONFIG_FILE_FLAG, str(cfg)], runnable=False)
 
 
@@ -352,8 +440,10 @@ def _ds_file(tmp_path: Path, **blocks) -> str:
 def test_deepspeed_scheduler_block_is_refused_before_output_dir(tmp_path, tiny_llama_dir):
     ds = _ds_file(tmp_path, scheduler={"type": "WarmupDecayLR", "params": {"warmup_num_steps": "auto"}})
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, out, max_prompt_length=64, deepspeed=ds,
-                                                          lr_scheduler_type="cosine"))
+    cfg = write_config(
+        tmp_path / "c.json",
+        **base_config(tiny_llama_dir, out, max_prompt_length=64, deepspeed=ds, lr_scheduler_type="cosine"),
+    )
     assert train.main([CONFIG_FILE_FLAG, str(cfg)]) == USER_ERROR_EXIT_CODE
     assert not out.exists()
     problems = distributed.deepspeed_problems({"deepspeed": ds, "lr_scheduler_type": "cosine"})

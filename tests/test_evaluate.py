@@ -17,9 +17,17 @@ MAX_LEN = 128
 def trained_dir(tmp_path_factory, tiny_llama_dir):
     """A LoRA run of a few steps on the tiny file, with the Trainer's eval loss on that same file."""
     tmp = tmp_path_factory.mktemp("eval-run")
-    values = base_config(tiny_llama_dir, tmp / "out", max_steps=6, max_prompt_length=64, max_seq_length=MAX_LEN,
-                         eval_file=str(TINY_SFT), eval_strategy="steps", eval_steps=6,
-                         per_device_eval_batch_size=8)
+    values = base_config(
+        tiny_llama_dir,
+        tmp / "out",
+        max_steps=6,
+        max_prompt_length=64,
+        max_seq_length=MAX_LEN,
+        eval_file=str(TINY_SFT),
+        eval_strategy="steps",
+        eval_steps=6,
+        per_device_eval_batch_size=8,
+    )
     assert train.main(["--train_args_file", str(write_config(tmp / "config.json", **values))]) == 0
     return tmp / "out"
 
@@ -31,10 +39,28 @@ def run_evaluate(tmp_path, *argv) -> dict:
 
 
 def test_trained_model_has_lower_loss_than_base(tmp_path, tiny_llama_dir, trained_dir):
-    base = run_evaluate(tmp_path, "--model", str(tiny_llama_dir), "--template", "chatml",
-                        "--max_seq_length", str(MAX_LEN), "--eval_file", str(TINY_SFT))
-    tuned = run_evaluate(tmp_path, "--model", str(tiny_llama_dir), "--adapter", str(trained_dir),
-                         "--eval_file", str(TINY_SFT), "--batch_size", "3")
+    base = run_evaluate(
+        tmp_path,
+        "--model",
+        str(tiny_llama_dir),
+        "--template",
+        "chatml",
+        "--max_seq_length",
+        str(MAX_LEN),
+        "--eval_file",
+        str(TINY_SFT),
+    )
+    tuned = run_evaluate(
+        tmp_path,
+        "--model",
+        str(tiny_llama_dir),
+        "--adapter",
+        str(trained_dir),
+        "--eval_file",
+        str(TINY_SFT),
+        "--batch_size",
+        "3",
+    )
     assert tuned["loss"] < base["loss"]
     assert tuned["perplexity"] == pytest.approx(2.718281828 ** tuned["loss"])
     # Same tokens, masks and loss as training: the Trainer's eval loss on this file (one batch of 8).
@@ -52,8 +78,19 @@ def test_generate_to_writes_one_line_per_prompt(tmp_path, trained_dir):
     eval_file = tmp_path / "mixed.jsonl"
     eval_file.write_text("\n".join(lines) + "\n")
     gen = tmp_path / "gen" / "replies.jsonl"
-    metrics = run_evaluate(tmp_path, "--model", str(trained_dir), "--eval_file", str(eval_file),
-                           "--generate_to", str(gen), "--max_new_tokens", "5", "--batch_size", "2")
+    metrics = run_evaluate(
+        tmp_path,
+        "--model",
+        str(trained_dir),
+        "--eval_file",
+        str(eval_file),
+        "--generate_to",
+        str(gen),
+        "--max_new_tokens",
+        "5",
+        "--batch_size",
+        "2",
+    )
     rows = [json.loads(x) for x in gen.read_text().splitlines()]
     assert metrics["generated"] == len(rows) == 5 and metrics["examples"] == 3
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
@@ -66,6 +103,6 @@ def test_generate_to_writes_one_line_per_prompt(tmp_path, trained_dir):
 
 def test_bad_line_is_reported_with_its_line(tmp_path, trained_dir, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(TINY_SFT.read_text().splitlines()[0] + "\n{\"conversation\": [{\"assistant\": \"x\"}]}\n")
+    bad.write_text(TINY_SFT.read_text().splitlines()[0] + '\n{"conversation": [{"assistant": "x"}]}\n')
     assert evaluate.main(["--model", str(trained_dir), "--eval_file", str(bad)]) == 2
     assert f"{bad}:2:" in capsys.readouterr().err

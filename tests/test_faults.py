@@ -81,8 +81,13 @@ def test_sigterm_from_outside_while_training(tmp_path, tiny_llama_dir, tmp_path_
     """A scheduler's SIGTERM at an arbitrary moment of training."""
     out = tmp_path / "out"
     config = run_config(tmp_path, tiny_llama_dir, out)
-    proc = subprocess.Popen(fault_command("slow", 1, config), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        fault_command("slow", 1, config),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         log = out / "train.log"
         while proc.poll() is None and not (log.is_file() and "step 2: loss" in log.read_text()):
@@ -194,8 +199,9 @@ def test_nonfinite_beyond_the_allowance_stops(tmp_path, tiny_llama_dir, nan_at):
 
 def test_exploding_learning_rate_is_caught(tmp_path, tiny_llama_dir):
     """No injected fault: a learning rate far too high drives the loss to NaN/inf."""
-    config = run_config(tmp_path, tiny_llama_dir, tmp_path / "out", learning_rate=1e15, train_mode="full",
-                        lr_scheduler_type="constant")
+    config = run_config(
+        tmp_path, tiny_llama_dir, tmp_path / "out", learning_rate=1e15, train_mode="full", lr_scheduler_type="constant"
+    )
     with pytest.raises(NonFiniteError, match="stopped at step 2 \\(learning rate 1e\\+15\\)"):
         train_in_process(config)
 
@@ -229,8 +235,9 @@ def test_secrets_stay_out_of_outputs_and_logs_and_inputs_are_only_read(
 
 
 def test_tokens_in_a_config_are_refused(tmp_path, tiny_llama_dir):
-    path = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", max_prompt_length=64,
-                                                           hub_token=SECRET))
+    path = write_config(
+        tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", max_prompt_length=64, hub_token=SECRET)
+    )
     with pytest.raises(ConfigError, match="key 'hub_token'.*HF_TOKEN") as err:
         load_values([CONFIG_FILE_FLAG, str(path)])
     assert not (tmp_path / "out").exists()

@@ -33,12 +33,40 @@ FUZZ = settings(
 KNOWN_KEYS = sorted(_field_table())
 # Keys where random values reach the deepest checks (model, data, lengths, LoRA, precision, resume).
 INTERESTING_KEYS = [
-    "output_dir", "model_name_or_path", "train_file", "template_name", "task_type", "train_mode",
-    "max_seq_length", "max_prompt_length", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "fp16", "bf16", "learning_rate", "num_train_epochs", "max_steps", "seed", "deepspeed",
-    "resume_from_checkpoint", "max_nonfinite_steps", "allow_pickle_weights", "lr_scheduler_type", "optim",
-    "report_to", "hub_token", "save_steps", "logging_steps", "eval_file", "skip_invalid_examples",
-    "gradient_accumulation_steps", "per_device_train_batch_size", "warmup_steps", "save_total_limit",
+    "output_dir",
+    "model_name_or_path",
+    "train_file",
+    "template_name",
+    "task_type",
+    "train_mode",
+    "max_seq_length",
+    "max_prompt_length",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "fp16",
+    "bf16",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "deepspeed",
+    "resume_from_checkpoint",
+    "max_nonfinite_steps",
+    "allow_pickle_weights",
+    "lr_scheduler_type",
+    "optim",
+    "report_to",
+    "hub_token",
+    "save_steps",
+    "logging_steps",
+    "eval_file",
+    "skip_invalid_examples",
+    "gradient_accumulation_steps",
+    "per_device_train_batch_size",
+    "warmup_steps",
+    "save_total_limit",
 ]
 VALID = {
     "output_dir": "/nonexistent/fuzz-out",
@@ -84,7 +112,7 @@ def config_files(draw) -> dict:
 cli_tokens = st.lists(
     st.sampled_from([f"--{k}" for k in INTERESTING_KEYS])
     | st.text(alphabet=string.printable, max_size=10)
-    | st.sampled_from(["--", "-", "--=", "--max_steps=abc", "[1,", "[\"a\"]", "nan", "inf", "None", "{", "{\"a\": 1}"]),
+    | st.sampled_from(["--", "-", "--=", "--max_steps=abc", "[1,", '["a"]', "nan", "inf", "None", "{", '{"a": 1}']),
     max_size=6,
 )
 
@@ -130,8 +158,9 @@ def test_config_file_bytes_only_raise_user_errors(config_path, raw):
 
 texts = st.text(max_size=20) | st.sampled_from(["", " ", "\n", "\ud800", "ok", "\x00"])
 turn_values = texts | json_values
-turns = st.dictionaries(st.sampled_from(["human", "assistant", "user", "gpt"]) | st.text(max_size=5), turn_values,
-                        max_size=3)
+turns = st.dictionaries(
+    st.sampled_from(["human", "assistant", "user", "gpt"]) | st.text(max_size=5), turn_values, max_size=3
+)
 records = st.fixed_dictionaries(
     {},
     optional={

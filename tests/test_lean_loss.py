@@ -93,9 +93,17 @@ def test_chunks_and_tied_head(monkeypatch):
 def test_final_logit_softcapping_is_applied():
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=1, head_dim=8, final_logit_softcapping=2.0,
-                          pad_token_id=tok.pad_token_id)
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+        pad_token_id=tok.pad_token_id,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model.config.use_cache = False
     batch = PaddingCollator(tok.pad_token_id)(examples(len(tok)))
@@ -142,12 +150,24 @@ def test_unverified_model_types_and_logit_scaling_fall_back():
 def trained_weights(tmp_path, batch_size, accumulation, lean_on):
     tok = tiny_tokenizer()
     model = model_of("llama", tok)
-    args = TrainingArguments(output_dir=str(tmp_path / f"o{batch_size}{lean_on}"), per_device_train_batch_size=batch_size,
-                             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1e-2,
-                             report_to="none", use_cpu=True, remove_unused_columns=False, save_strategy="no",
-                             disable_tqdm=True, logging_steps=1, seed=1, optim="sgd")  # Adam would amplify float noise
-    trainer = FinetuneTrainer(model=model, args=args, train_dataset=examples(len(tok)),
-                              data_collator=PaddingFreeCollator(), lean_loss=lean_on)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"o{batch_size}{lean_on}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=1,
+        optim="sgd",
+    )  # Adam would amplify float noise
+    trainer = FinetuneTrainer(
+        model=model, args=args, train_dataset=examples(len(tok)), data_collator=PaddingFreeCollator(), lean_loss=lean_on
+    )
     trainer.get_train_dataloader = _in_order(trainer)
     assert (trainer.lean_parts is not None) == lean_on
     trainer.train()
@@ -158,8 +178,12 @@ def trained_weights(tmp_path, batch_size, accumulation, lean_on):
 def _in_order(trainer):
     from torch.utils.data import DataLoader
 
-    return lambda: DataLoader(trainer.train_dataset, batch_size=trainer.args.per_device_train_batch_size,
-                              collate_fn=trainer.data_collator, shuffle=False)
+    return lambda: DataLoader(
+        trainer.train_dataset,
+        batch_size=trainer.args.per_device_train_batch_size,
+        collate_fn=trainer.data_collator,
+        shuffle=False,
+    )
 
 
 def test_trainer_lean_loss_is_accumulation_invariant(tmp_path):

@@ -64,10 +64,21 @@ def save_tiny(kind: str, path: Path) -> Path:
     if kind == "mamba":
         model = tiny_model("mamba", tokenizer=tokenizer)
     else:
-        config = Mamba2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, state_size=8,
-                              expand=2, conv_kernel=4, num_heads=8, head_dim=8, n_groups=1, chunk_size=8,
-                              use_cache=False, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+        config = Mamba2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            state_size=8,
+            expand=2,
+            conv_kernel=4,
+            num_heads=8,
+            head_dim=8,
+            n_groups=1,
+            chunk_size=8,
+            use_cache=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -93,16 +104,39 @@ def any_mamba_dir(request, mamba_dir, mamba2_dir) -> Path:
     return {"mamba": mamba_dir, "mamba2": mamba2_dir}[request.param]
 
 
-def _mamba_inner_standin(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
-                         out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, delta_softplus=True, **_):
+def _mamba_inner_standin(
+    xz,
+    conv1d_weight,
+    conv1d_bias,
+    x_proj_weight,
+    delta_proj_weight,
+    out_proj_weight,
+    out_proj_bias,
+    A,
+    B=None,
+    C=None,
+    D=None,
+    delta_bias=None,
+    delta_softplus=True,
+    **_,
+):
     """mamba_ssm's fused mamba_inner_fn in PyTorch: computes from the raw weights it is given, nothing else."""
     x, z = xz.chunk(2, dim=1)
     x = modeling_mamba.causal_conv1d_fn(x, conv1d_weight.squeeze(1), conv1d_bias, activation="silu")
     rank, state = delta_proj_weight.shape[1], A.shape[-1]
     dt, b, c = torch.split(F.linear(x.transpose(1, 2), x_proj_weight), [rank, state, state], dim=-1)
     delta = delta_proj_weight @ dt.transpose(1, 2)
-    y = modeling_mamba.mamba_selective_scan(x, delta, A, b.transpose(1, 2), c.transpose(1, 2), D=D, z=z,
-                                            delta_bias=delta_bias, delta_softplus=delta_softplus)
+    y = modeling_mamba.mamba_selective_scan(
+        x,
+        delta,
+        A,
+        b.transpose(1, 2),
+        c.transpose(1, 2),
+        D=D,
+        z=z,
+        delta_bias=delta_bias,
+        delta_softplus=delta_softplus,
+    )
     return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
 
 
@@ -193,7 +227,9 @@ def test_fast_path_standin_matches_pytorch_path(mamba_dir, monkeypatch):
     with torch.no_grad():
         reference = model(input_ids=ids).logits
     calls = []
-    monkeypatch.setattr(modeling_mamba, "mamba_inner_fn", lambda *a, **k: calls.append(1) or _mamba_inner_standin(*a, **k))
+    monkeypatch.setattr(
+        modeling_mamba, "mamba_inner_fn", lambda *a, **k: calls.append(1) or _mamba_inner_standin(*a, **k)
+    )
     with torch.no_grad():
         standin = model(input_ids=ids).logits
     assert len(calls) == model.config.num_hidden_layers
@@ -311,8 +347,7 @@ def dead_adapters(out_dir: Path, recorder: GradRecorder) -> list[str]:
 def test_every_saved_adapter_tensor_learns(tmp_path, mamba_dir, monkeypatch, mode, checkpointing, path):
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")
-    trainer, recorder = _train(tmp_path, mamba_dir, monkeypatch, train_mode=mode,
-                               gradient_checkpointing=checkpointing)
+    trainer, recorder = _train(tmp_path, mamba_dir, monkeypatch, train_mode=mode, gradient_checkpointing=checkpointing)
     path.check_used()
     losses = _losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
@@ -403,8 +438,9 @@ def test_quantization_skips_needed_for_4bit(mamba_dir, monkeypatch, skip, fast, 
         skip = model_type_info("mamba").quantization_skip
     if fast:
         monkeypatch.setattr(modeling_mamba, "mamba_inner_fn", _mamba_inner_standin)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
-                               llm_int8_skip_modules=list(skip) if skip else None)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=list(skip) if skip else None
+    )
     model = _model(mamba_dir, quantization_config=quant).train()
     ids = _ids()
     if runs:
@@ -427,10 +463,19 @@ def test_gradient_accumulation_invariance(tmp_path, mamba_dir, monkeypatch, mode
     """
     results = []
     for batch, accumulation in ((4, 1), (1, 4)):
-        trainer, _ = _train(tmp_path / f"{batch}x{accumulation}", mamba_dir, monkeypatch, train_mode=mode,
-                            lean_loss=lean_loss,
-                            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                            max_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant")
+        trainer, _ = _train(
+            tmp_path / f"{batch}x{accumulation}",
+            mamba_dir,
+            monkeypatch,
+            train_mode=mode,
+            lean_loss=lean_loss,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+        )
         assert trainer.model_accepts_loss_kwargs and (trainer.lean_parts is not None) == lean_loss
         params = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
         results.append((_losses(trainer)[0], params))
@@ -450,8 +495,9 @@ def _examples(tmp_path, model_dir, n: int = 3) -> tuple[list[dict], object]:
 
 
 def _per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    shifted = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX,
-                              reduction="none")
+    shifted = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return shifted.sum(1) / labels[:, 1:].ne(IGNORE_INDEX).sum(1)
 
 
@@ -463,10 +509,15 @@ def test_right_padded_batch_equals_each_example_alone(tmp_path, any_mamba_dir, p
         pytest.skip("the fused-kernel stand-in replaces Mamba's mamba_inner_fn only")
     with torch.no_grad():
         batch = collate(rows)
-        batched = _per_example_loss(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits,
-                                    batch["labels"])
-        alone = torch.cat([_per_example_loss(model(input_ids=b["input_ids"]).logits, b["labels"])
-                           for b in (collate([r]) for r in rows)])
+        batched = _per_example_loss(
+            model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, batch["labels"]
+        )
+        alone = torch.cat(
+            [
+                _per_example_loss(model(input_ids=b["input_ids"]).logits, b["labels"])
+                for b in (collate([r]) for r in rows)
+            ]
+        )
     path.check_used()
     assert batch["attention_mask"][0, -1] == 0  # the shortest example really is padded, on the right
     torch.testing.assert_close(batched, alone, rtol=REL_TOL, atol=0)
@@ -503,8 +554,13 @@ def test_mamba_template_supervised_tokens_end_with_endoftext():
     tokenizer = neox_like_tokenizer()
     eos_id = tokenizer.convert_tokens_to_ids(NEOX_EOS)
     template = get_template("mamba")
-    messages = [Message("system", "Be brief."), Message("user", "hello there"), Message("assistant", "hi"),
-                Message("user", "What is two plus two?"), Message("assistant", "Two plus two is four.")]
+    messages = [
+        Message("system", "Be brief."),
+        Message("user", "hello there"),
+        Message("assistant", "hi"),
+        Message("user", "What is two plus two?"),
+        Message("assistant", "Two plus two is four."),
+    ]
     encoded = encode_messages(template, tokenizer, messages)
     runs, current = [], []
     for label in encoded.labels:
@@ -560,10 +616,17 @@ def test_mamba_config_runs_on_a_tiny_model(tmp_path, mamba_dir, config_path):
     """Each shipped config, its precision, optimizer and checkpointing included, trains (model and data swapped)."""
     if json.loads(config_path.read_text())["train_mode"] == "qlora":
         pytest.importorskip("bitsandbytes")
-    overrides = {"model_name_or_path": str(mamba_dir), "train_file": str(ROOT / "tests" / "data" / "tiny_sft.jsonl"),
-                 "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2,
-                 "gradient_accumulation_steps": 1, "tokenize_num_workers": 1, "report_to": "none",
-                 "logging_steps": 1}
+    overrides = {
+        "model_name_or_path": str(mamba_dir),
+        "train_file": str(ROOT / "tests" / "data" / "tiny_sft.jsonl"),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "tokenize_num_workers": 1,
+        "report_to": "none",
+        "logging_steps": 1,
+    }
     argv = ["--train_args_file", str(config_path)] + [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
     trainer = run(load_config(argv))
     assert all(torch.isfinite(torch.tensor(loss)) for loss in _losses(trainer))
@@ -577,4 +640,3 @@ def test_recommended_precision_warns(mamba_dir, monkeypatch):
     assert warnings == []
     model_module.warn_precision("mamba", torch.float16)
     assert len(warnings) == 1 and "float32" in warnings[0]
-

@@ -55,8 +55,7 @@ def assert_same(padded, packed):
 
 
 def test_collator_concatenates_without_padding():
-    feats = [{"input_ids": [10, 11, 12], "labels": [-100, 11, 12]},
-             {"input_ids": [20, 21], "labels": [20, 21]}]
+    feats = [{"input_ids": [10, 11, 12], "labels": [-100, 11, 12]}, {"input_ids": [20, 21], "labels": [20, 21]}]
     batch = PaddingFreeCollator()(feats)
     assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
@@ -95,8 +94,15 @@ def test_transformers_default_attention_also_matches():
 def test_sliding_window_is_kept_per_sequence():
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    config = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     model.config.use_cache = False
     feats = examples(len(tok))
@@ -152,8 +158,12 @@ def test_collator_chosen_per_model_type(tiny_llama_dir, tiny_bloom_dir, tmp_path
 def test_training_run_uses_segment_attention(tiny_llama_dir, tmp_path):
     from component.runner import run
 
-    config = load_config(["--train_args_file", str(write_config(
-        tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", train_mode="full")))])
+    config = load_config(
+        [
+            "--train_args_file",
+            str(write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", train_mode="full"))),
+        ]
+    )
     trainer = run(config)
     assert trainer.model.config._attn_implementation == SEGMENT_SDPA
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

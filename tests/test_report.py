@@ -101,8 +101,15 @@ def test_report_after_a_run(tmp_path, tiny_llama_dir, monkeypatch):
     defaults = runner.default_callbacks
     monkeypatch.setattr(runner, "default_callbacks", lambda: [*defaults(), at_save])
     # 4 steps x batch 2 = exactly one epoch of the 8 examples: every token is seen once.
-    config = _config(tmp_path, tiny_llama_dir, max_steps=4, save_steps=2, eval_file=str(TINY_SFT),
-                     eval_strategy="steps", eval_steps=2)
+    config = _config(
+        tmp_path,
+        tiny_llama_dir,
+        max_steps=4,
+        save_steps=2,
+        eval_file=str(TINY_SFT),
+        eval_strategy="steps",
+        eval_steps=2,
+    )
     assert train.main(["--train_args_file", str(config)]) == 0
     out = tmp_path / "out"
     data = json.loads((out / "data_summary.json").read_text())

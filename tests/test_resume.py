@@ -80,8 +80,11 @@ def test_marked_checkpoint_is_complete(tmp_path):
     folder = fake_checkpoint(tmp_path, 2)
     assert checkpoint_problems(folder) == []
     marker = json.loads((folder / COMPLETE_MARKER).read_text())
-    assert marker["step"] == 2 and set(marker["files"]) == {"adapter_model.safetensors", "trainer_state.json",
-                                                             "optimizer.pt"}
+    assert marker["step"] == 2 and set(marker["files"]) == {
+        "adapter_model.safetensors",
+        "trainer_state.json",
+        "optimizer.pt",
+    }
 
 
 def test_unmarked_checkpoint_is_incomplete(tmp_path):
@@ -190,8 +193,9 @@ def test_config_reads_resume_as_true_or_a_path(tmp_path, tiny_llama_dir, file_va
 
 
 def test_config_rejects_bad_resume_values(tmp_path, tiny_llama_dir):
-    values = base_config(tiny_llama_dir, tmp_path / "out", max_prompt_length=64, resume_from_checkpoint=3,
-                         max_nonfinite_steps=-1)
+    values = base_config(
+        tiny_llama_dir, tmp_path / "out", max_prompt_length=64, resume_from_checkpoint=3, max_nonfinite_steps=-1
+    )
     path = write_config(tmp_path / "c.json", **values)
     with pytest.raises(ConfigError) as err:
         load_values([CONFIG_FILE_FLAG, str(path)])

@@ -45,8 +45,7 @@ def wait_until(condition, what: str, timeout: float = STARTUP_TIMEOUT_S):
 def running(service: serve.Service):
     """The app on a free loopback port in a thread of this process; stopped on exit."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(service), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(serve.create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -106,8 +105,16 @@ def test_chat_completion(client, base_model):
 
 
 def test_streaming(client, base_model):
-    chunks = list(client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=6, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == direct(base_model, 6)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -139,8 +146,10 @@ def test_stop_strings(client, base_model):
         (json.dumps({"messages": []}), "messages"),
         (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}), "messages[0].role"),
         (json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}), "messages"),
-        (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}),
-         "messages"),
+        (
+            json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}),
+            "messages",
+        ),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}), "temperature"),
         (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}), "n"),
     ],
@@ -169,8 +178,9 @@ def test_unknown_path_is_json_404(server):
 def test_twenty_sequential_requests_then_still_answers(server, client):
     before = server[1].stats["completed"]
     for i in range(20):
-        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"n {i}"}],
-                                             max_tokens=2, temperature=0.7, top_p=0.9)
+        out = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"n {i}"}], max_tokens=2, temperature=0.7, top_p=0.9
+        )
         assert out.choices[0].finish_reason in ("stop", "length")
     assert server[1].stats["completed"] == before + 20
     assert client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=2).choices
@@ -181,7 +191,9 @@ def test_concurrent_requests_take_turns(server, client):
 
     def ask(stream: bool):
         out = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=4, temperature=0, stream=stream)
-        results.append("".join(c.choices[0].delta.content or "" for c in out) if stream else out.choices[0].message.content)
+        results.append(
+            "".join(c.choices[0].delta.content or "" for c in out) if stream else out.choices[0].message.content
+        )
 
     threads = [threading.Thread(target=ask, args=(i % 2 == 0,)) for i in range(4)]
     for t in threads:
@@ -226,9 +238,14 @@ def test_cli_serves_a_trained_adapter_on_loopback(tmp_path, tiny_llama_dir):
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "script" / "serve.py"), "--model", str(tmp_path / "run"),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "script" / "serve.py"), "--model", str(tmp_path / "run"), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     try:
+
         def up():
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
             try:
@@ -258,8 +275,12 @@ def test_a_full_queue_gets_429(base_model):
     service = serve.Service(base_model, "tiny", 512, generate_fn=held, max_queue=1)
     with running(service) as port:
         first = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        first.request("POST", "/v1/chat/completions", body=json.dumps({"messages": PROMPT, "stream": True}),
-                      headers={"Content-Type": "application/json"})
+        first.request(
+            "POST",
+            "/v1/chat/completions",
+            body=json.dumps({"messages": PROMPT, "stream": True}),
+            headers={"Content-Type": "application/json"},
+        )
         first_resp = first.getresponse()
         assert first_resp.readline().startswith(b"data: ")  # holds the model
         waiting = []

@@ -36,8 +36,9 @@ def test_single_turn_chatml_exact(tok):
     record = {"conversation": [{"human": "hello there", "assistant": "hi, how can I help you today?"}], "system": None}
     out = tokenize_conversation(record, get_template("chatml"), tok, max_len=512)
     text = tok.decode(out["input_ids"])
-    assert text == ("<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n"
-                    "hi, how can I help you today?<|im_end|>\n")
+    assert text == (
+        "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\nhi, how can I help you today?<|im_end|>\n"
+    )
     assert supervised_text(tok, out["input_ids"], out["labels"]) == ["hi, how can I help you today?<|im_end|>"]
     # The label of the end-of-turn token is the end-of-turn id itself.
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -76,7 +77,10 @@ def test_default_system_prompt_is_injected_but_not_supervised(tok):
 
 
 def test_eos_templates_supervise_the_tokenizer_eos(tok):
-    record = {"conversation": [{"human": "hi", "assistant": "yo"}, {"human": "and?", "assistant": "done"}], "system": None}
+    record = {
+        "conversation": [{"human": "hi", "assistant": "yo"}, {"human": "and?", "assistant": "done"}],
+        "system": None,
+    }
     out = tokenize_conversation(record, get_template("default"), tok, max_len=512)
     # "Assistant: done" tokenizes the space into the first word (" done"): that
     # token straddles the reply's start and must be supervised, since the
@@ -86,7 +90,10 @@ def test_eos_templates_supervise_the_tokenizer_eos(tok):
 
 
 def test_truncation_keeps_prefix_and_counts(tok):
-    record = {"conversation": [{"human": "hi", "assistant": "The quick brown fox jumps over the lazy dog."}], "system": None}
+    record = {
+        "conversation": [{"human": "hi", "assistant": "The quick brown fox jumps over the lazy dog."}],
+        "system": None,
+    }
     full = tokenize_conversation(record, get_template("chatml"), tok, max_len=512)
     cut = tokenize_conversation(record, get_template("chatml"), tok, max_len=len(full["input_ids"]) - 3)
     assert cut["truncated"] and not full["truncated"]
@@ -105,18 +112,19 @@ def test_examples_without_supervised_tokens_are_dropped_and_counted(tmp_path, to
     assert data.summary.examples == 1
     assert data.summary.dropped_no_supervised == 1
     assert data.summary.truncated == 1
-    assert data.summary.supervised_tokens == sum(
-        1 for lab in data.dataset[0]["labels"] if lab != IGNORE_INDEX
-    )
+    assert data.summary.supervised_tokens == sum(1 for lab in data.dataset[0]["labels"] if lab != IGNORE_INDEX)
 
 
 def test_malformed_line_reported_as_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(
-        json.dumps({"conversation": [{"human": "a", "assistant": "b"}]}) + "\n"
+        json.dumps({"conversation": [{"human": "a", "assistant": "b"}]})
+        + "\n"
         + "{not json\n"
-        + json.dumps({"conversation": [{"human": "a"}]}) + "\n"
-        + json.dumps({"conversations": []}) + "\n"
+        + json.dumps({"conversation": [{"human": "a"}]})
+        + "\n"
+        + json.dumps({"conversations": []})
+        + "\n"
     )
     with pytest.raises(DataError) as err:
         read_conversations(str(path))

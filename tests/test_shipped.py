@@ -16,8 +16,12 @@ RUN_CONFIGS = sorted(p for p in (ROOT / "train_args").glob("*.json") if not p.na
 
 def test_there_are_shipped_configs():
     names = {p.name for p in RUN_CONFIGS}
-    assert {"llama2-7b-sft-qlora.json", "gemma-2b-sft-qlora.json", "bloom-1b1-sft-full.json",
-            "smollm2-135m-sft-lora.json"} <= names
+    assert {
+        "llama2-7b-sft-qlora.json",
+        "gemma-2b-sft-qlora.json",
+        "bloom-1b1-sft-full.json",
+        "smollm2-135m-sft-lora.json",
+    } <= names
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
@@ -37,15 +41,22 @@ def test_llama2_config_is_7b():
 def test_reference_hyperparameters():
     for name in ("llama2-7b-sft-qlora.json", "gemma-2b-sft-qlora.json"):
         raw = json.loads((ROOT / "train_args" / name).read_text())
-        assert (raw["num_train_epochs"], raw["learning_rate"], raw["lora_rank"], raw["lora_alpha"],
-                raw["lora_dropout"], raw["max_seq_length"]) == (5, 1e-4, 64, 16, 0.05, 1024)
+        assert (
+            raw["num_train_epochs"],
+            raw["learning_rate"],
+            raw["lora_rank"],
+            raw["lora_alpha"],
+            raw["lora_dropout"],
+            raw["max_seq_length"],
+        ) == (5, 1e-4, 64, 16, 0.05, 1024)
     bloom = json.loads((ROOT / "train_args" / "bloom-1b1-sft-full.json").read_text())
     assert (ROOT / bloom["deepspeed"]).is_file()
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, str(ROOT / "script" / "prepare_lima.py"), *args],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "script" / "prepare_lima.py"), *args], capture_output=True, text=True
+    )
 
 
 def test_prepare_lima_gair_format_with_odd_rows(tmp_path):

@@ -60,7 +60,9 @@ def test_build_data_resolves_auto_and_missing_template_name(tmp_path, tiny_llama
             build_data(config, tok)
     tok.chat_template = official("smollm2").chat_template
     data = build_data(config, tok)
-    named = load_config(["--train_args_file", str(write_config(tmp_path / "n.json", **{**values, "template_name": "smollm"}))])
+    named = load_config(
+        ["--train_args_file", str(write_config(tmp_path / "n.json", **{**values, "template_name": "smollm"}))]
+    )
     assert data.train["labels"] == build_data(named, tok).train["labels"]
     assert data.summary.supervised_tokens > 0
 

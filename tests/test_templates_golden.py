@@ -32,9 +32,36 @@ from tests.assets.build_golden import golden, golden_tokenizer
 from tests.tiny import tiny_tokenizer
 
 GOLDEN = json.loads((Path(__file__).parent / "assets" / "golden_templates.json").read_text())
-REQUIRED = {"default", "internlm", "internlm2", "qwen", "yi", "orion", "deepseek", "chatglm2", "chatglm3", "ziya2",
-            "xverse", "minicpm", "minicpm3", "zephyr", "mistral", "mixtral", "baichuan", "baichuan2", "vicuna",
-            "llama2", "llama3", "gemma", "phi3", "mamba", "chatml", "smollm", "qwen2", "qwen3"}
+REQUIRED = {
+    "default",
+    "internlm",
+    "internlm2",
+    "qwen",
+    "yi",
+    "orion",
+    "deepseek",
+    "chatglm2",
+    "chatglm3",
+    "ziya2",
+    "xverse",
+    "minicpm",
+    "minicpm3",
+    "zephyr",
+    "mistral",
+    "mixtral",
+    "baichuan",
+    "baichuan2",
+    "vicuna",
+    "llama2",
+    "llama3",
+    "gemma",
+    "phi3",
+    "mamba",
+    "chatml",
+    "smollm",
+    "qwen2",
+    "qwen3",
+}
 
 
 def test_library_is_complete_and_every_template_is_pinned():

@@ -28,6 +28,7 @@ def test_marks_supervised_text_and_reports(config_file, tmp_path, monkeypatch):
 
     def no_model(*args, **kwargs):
         raise AssertionError("inspect_data loaded a model")
+
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
     out = io.StringIO()
     dump = tmp_path / "d.jsonl"

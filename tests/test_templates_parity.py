@@ -26,8 +26,10 @@ from component.template import IGNORE_INDEX, Message, encode, generation_prompt,
 from tests.tiny import tiny_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"
-CASES = {k: [Message(m["role"], m["content"]) for m in v]
-         for k, v in json.loads((ASSETS / "parity_cases.json").read_text()).items()}
+CASES = {
+    k: [Message(m["role"], m["content"]) for m in v]
+    for k, v in json.loads((ASSETS / "parity_cases.json").read_text()).items()
+}
 JINJA_FAMILIES = [("smollm2", "smollm"), ("llama3_1", "llama3"), ("qwen3", "qwen3"), ("gemma3", "gemma")]
 
 
@@ -39,6 +41,7 @@ def official():
         if name not in cache:
             cache[name] = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / name)
         return cache[name]
+
     return load
 
 
@@ -70,8 +73,10 @@ def expected_labels(tok, text, msgs, stop, strip):
         end = text.index(stop, start + len(content)) + len(stop)
         spans.append((start, end))
         pos = end
-    return [i if any(s < e2 and e > s2 for s2, e2 in spans) and e > s else IGNORE_INDEX
-            for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    return [
+        i if any(s < e2 and e > s2 for s2, e2 in spans) and e > s else IGNORE_INDEX
+        for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
 
 
 def check_family(tok, template, msgs):
@@ -91,8 +96,9 @@ def check_family(tok, template, msgs):
     # non-thinking mode, which is what 'qwen3' trains; other templates ignore the flag).
     for k, m in enumerate(msgs):
         if m.role == "user":
-            gen = tok.apply_chat_template(dicts(msgs[: k + 1]), tokenize=False, add_generation_prompt=True,
-                                          enable_thinking=False)
+            gen = tok.apply_chat_template(
+                dicts(msgs[: k + 1]), tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
             assert generation_prompt(template, tok, msgs[: k + 1]) == gen
 
 
@@ -127,7 +133,9 @@ def test_chatml_is_smollm_without_the_default_system(official, case):
         assert render(get_template("chatml"), tok, msgs) == render(get_template("smollm"), tok, msgs)
     else:
         default = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-        assert default + render(get_template("chatml"), tok, msgs).text == render(get_template("smollm"), tok, msgs).text
+        assert (
+            default + render(get_template("chatml"), tok, msgs).text == render(get_template("smollm"), tok, msgs).text
+        )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -139,7 +147,8 @@ def test_llama3_first_revision_always_appends_the_header(official, case):
     ours = render(get_template("llama3"), tok, msgs)
     assert ours.text + header == tok.apply_chat_template(dicts(msgs), tokenize=False)
     assert generation_prompt(get_template("llama3"), tok, msgs[:-1]) == tok.apply_chat_template(
-        dicts(msgs[:-1]), tokenize=False)
+        dicts(msgs[:-1]), tokenize=False
+    )
     assert encode(tok, ours).input_ids == tok(ours.text, add_special_tokens=False)["input_ids"]
 
 
@@ -200,7 +209,8 @@ def test_llama2_matches_the_published_template(case):
     ours = render(get_template("llama2"), tok, msgs)
     assert ours.text == tok.apply_chat_template(dicts(msgs), tokenize=False)
     assert encode(tok, ours).input_ids == list(
-        tok.apply_chat_template(dicts(msgs), tokenize=True, return_dict=True)["input_ids"])
+        tok.apply_chat_template(dicts(msgs), tokenize=True, return_dict=True)["input_ids"]
+    )
     assert ours.text.startswith("<s>[INST] ")
     if msgs[0].role == "system":
         assert ours.text.startswith(f"<s>[INST] <<SYS>>\n{msgs[0].content}\n<</SYS>>\n\n")
@@ -236,5 +246,9 @@ def test_smollm2_asset_is_the_gguf_tokenizer(official):
     for case, msgs in CASES.items():
         for name in ("smollm", "chatml"):
             text = render(get_template(name), gguf, msgs).text
-            assert encode(gguf, render(get_template(name), gguf, msgs)) == encode(asset, render(get_template(name), asset, msgs)), case
-            assert gguf(text, add_special_tokens=False)["input_ids"] == asset(text, add_special_tokens=False)["input_ids"]
+            assert encode(gguf, render(get_template(name), gguf, msgs)) == encode(
+                asset, render(get_template(name), asset, msgs)
+            ), case
+            assert (
+                gguf(text, add_special_tokens=False)["input_ids"] == asset(text, add_special_tokens=False)["input_ids"]
+            )

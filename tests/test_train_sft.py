@@ -46,8 +46,11 @@ def test_lora_trains_only_the_adapter_and_reloads(tmp_path, tiny_llama_dir):
             changed_adapter += 1
     assert changed_adapter > 0
     # Base weights are untouched.
-    merged_names = {n.replace("base_model.model.", "").replace(".base_layer", ""): p
-                    for n, p in model.named_parameters() if "lora_" not in n}
+    merged_names = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in model.named_parameters()
+        if "lora_" not in n
+    }
     for name, value in before.items():
         if name in merged_names:
             assert torch.equal(merged_names[name].detach(), value), name
@@ -94,8 +97,9 @@ def test_lora_on_other_architectures(tmp_path, request, fixture, template):
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_gradient_accumulation_invariance(tmp_path, tiny_llama_dir, mode):
     """Batch 4 x accumulation 1 and batch 1 x accumulation 4 give the same loss and update."""
-    common = dict(train_mode=mode, max_steps=1, learning_rate=1e-2, lr_scheduler_type="constant",
-                  max_grad_norm=0.0, optim="sgd")
+    common = dict(
+        train_mode=mode, max_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0, optim="sgd"
+    )
     a, _ = train(tmp_path, tiny_llama_dir, "a", per_device_train_batch_size=4, gradient_accumulation_steps=1, **common)
     b, _ = train(tmp_path, tiny_llama_dir, "b", per_device_train_batch_size=1, gradient_accumulation_steps=4, **common)
     assert losses(a)[0] == pytest.approx(losses(b)[0], rel=1e-5)

@@ -23,10 +23,21 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = [
-    "<unk>", "<s>", "</s>", "<pad>",
-    "<|im_start|>", "<|im_end|>",
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-    "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<|endoftext|>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<bos>",
+    "<eos>",
+    "<|endoftext|>",
 ]
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -70,16 +81,35 @@ def tiny_tokenizer(bos: str = "<s>", eos: str = "</s>", pad: str | None = "<pad>
 def tiny_config(kind: str, vocab_size: int):
     common = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2)
     if kind == "llama":
-        return LlamaConfig(**common, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=512, tie_word_embeddings=False)
+        return LlamaConfig(
+            **common,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+        )
     if kind == "gemma":
-        return GemmaConfig(**common, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
-                           head_dim=8, max_position_embeddings=512)
+        return GemmaConfig(
+            **common,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+        )
     if kind == "bloom":
         return BloomConfig(vocab_size=vocab_size, hidden_size=32, n_layer=2, n_head=4)
     if kind == "mamba":
-        return MambaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, state_size=8,
-                           expand=2, conv_kernel=4, use_cache=False)
+        return MambaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            state_size=8,
+            expand=2,
+            conv_kernel=4,
+            use_cache=False,
+        )
     raise ValueError(kind)
 
 
