@@ -85,6 +85,15 @@ def start(cmd: list[str]) -> subprocess.Popen:
     return proc
 
 
+def launch_one_node(cfgs: list[Path]) -> None:
+    """One torchrun launch of RANKS ranks on loopback, running every config in turn."""
+    port = free_port()
+    cmd = torchrun(
+        f"--nproc_per_node={RANKS}", "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER), *map(str, cfgs)
+    )
+    check_launch([start(cmd)])
+
+
 def check_launch(procs: list[subprocess.Popen]) -> None:
     """Wait for every launcher; on a timeout end their process groups. Each must exit 0."""
     try:
@@ -215,20 +224,7 @@ def ddp(work, tiny_llama_dir) -> dict[str, Path]:
             gradient_checkpointing_kwargs={"use_reentrant": True},
         ),
     ]
-    port = free_port()
-    check_launch(
-        [
-            start(
-                torchrun(
-                    f"--nproc_per_node={RANKS}",
-                    "--master_addr=127.0.0.1",
-                    f"--master_port={port}",
-                    str(WORKER),
-                    *map(str, cfgs),
-                )
-            )
-        ]
-    )
+    launch_one_node(cfgs)
     return {m: work / f"ddp_{m}" for m in ("full", "lora")}
 
 
@@ -266,20 +262,7 @@ def deepspeed_runs(work, tiny_llama_dir) -> dict[tuple[str, str], Path]:
         make_config(work, tiny_llama_dir, f"ds_{z}_{m}", m, PER_RANK_BATCH, deepspeed=str(DS_CONFIGS[z]))
         for z, m in DS_RUNS
     ]
-    port = free_port()
-    check_launch(
-        [
-            start(
-                torchrun(
-                    f"--nproc_per_node={RANKS}",
-                    "--master_addr=127.0.0.1",
-                    f"--master_port={port}",
-                    str(WORKER),
-                    *map(str, cfgs),
-                )
-            )
-        ]
-    )
+    launch_one_node(cfgs)
     return {(z, m): work / f"ds_{z}_{m}" for z, m in DS_RUNS}
 
 
