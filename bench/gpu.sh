@@ -19,11 +19,12 @@
 # (N = all parameters), against the GPU's dense bf16 peak; attention FLOPs are not counted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=.
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU')"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python -c "import importlib.util as u; print('flash-attn:', 'installed' if u.find_spec('flash_attn') else 'not installed (sdpa)')"
+"$PYTHON" -c "import importlib.util as u; print('flash-attn:', 'installed' if u.find_spec('flash_attn') else 'not installed (sdpa)')"
 mkdir -p "${BENCH_WORK_DIR:=/tmp/sft-bench-gpu}"
-python bench/sft_throughput.py --models smollm2_lora_gpu,llama1b_gpu --repeats 2 --work_dir "$BENCH_WORK_DIR" \
+"$PYTHON" bench/sft_throughput.py --models smollm2_lora_gpu,llama1b_gpu --repeats 2 --work_dir "$BENCH_WORK_DIR" \
   --timeout 300 "$@" 2> "$BENCH_WORK_DIR/runs.log" | tee "$BENCH_WORK_DIR/report.md"
 echo "per-run details: $BENCH_WORK_DIR/runs.log"

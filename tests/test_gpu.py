@@ -1,0 +1,116 @@
+"""The GPU paths: padding-free attention, the lean loss and whole runs on CUDA (skipped without a GPU).
+
+The same exactness checks as tests/test_padding_free.py and tests/test_lean_loss.py, on the
+device where the kernels differ (CUDA sdpa, flash-attention's varlen path where installed),
+and short bf16 training runs through `component.runner.run`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from component.collator import PaddingCollator
+from component.config import load_config
+from component.loss import find_head_parts, lean_causal_lm_loss
+from component.padding_free import FLASH_ATTENTION, SEGMENT_SDPA, PaddingFreeCollator, flash_attention_usable
+from component.template import IGNORE_INDEX
+from tests.conftest import base_config, write_config
+from tests.tiny import tiny_model, tiny_tokenizer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+TOL = dict(atol=1e-4, rtol=1e-3)  # CUDA fp32 matmuls may use TF32-free but reordered reductions
+ATTENTIONS = [SEGMENT_SDPA] + ([FLASH_ATTENTION] if flash_attention_usable() else [])
+
+
+def examples(vocab: int, lengths=(7, 12, 5, 9)) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n in lengths:
+        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
+    return out
+
+
+def on_cuda(batch: dict) -> dict:
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def cuda_model(kind: str, tok, dtype=torch.float32):
+    model = tiny_model(kind, tokenizer=tok).to("cuda", dtype)
+    model.config.use_cache = False
+    return model
+
+
+def loss_and_grads(model, batch, lean: bool = False):
+    model.zero_grad()
+    if lean:
+        loss = lean_causal_lm_loss(model, find_head_parts(model), batch)
+    else:
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(reference, ours, tol=TOL, rel=1e-4):
+    (loss_a, grads_a), (loss_b, grads_b) = reference, ours
+    assert loss_b == pytest.approx(loss_a, rel=rel)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], **tol, msg=name)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_padding_free_matches_padded_on_cuda(kind, attention):
+    tok = tiny_tokenizer()
+    dtype = torch.bfloat16 if attention == FLASH_ATTENTION else torch.float32  # flash-attention has no fp32
+    model = cuda_model(kind, tok, dtype)
+    feats = examples(len(tok))
+    padded = loss_and_grads(model, on_cuda(PaddingCollator(tok.pad_token_id)(feats)))
+    model.set_attn_implementation(attention)
+    packed = loss_and_grads(model, on_cuda(PaddingFreeCollator()(feats)))
+    if dtype == torch.bfloat16:
+        assert_same(padded, packed, tol=dict(atol=2e-2, rtol=5e-2), rel=2e-2)
+    else:
+        assert_same(padded, packed)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_lean_loss_matches_standard_on_cuda(kind):
+    tok = tiny_tokenizer()
+    model = cuda_model(kind, tok)
+    model.set_attn_implementation(SEGMENT_SDPA)
+    batch = on_cuda(PaddingFreeCollator()(examples(len(tok))))
+    assert_same(loss_and_grads(model, batch), loss_and_grads(model, batch, lean=True))
+
+
+@pytest.mark.parametrize("train_mode", ["full", "lora"])
+def test_bf16_sft_run_on_cuda(tiny_llama_dir, tmp_path, train_mode):
+    from component.runner import run
+
+    out = tmp_path / "out"
+    values = base_config(tiny_llama_dir, out, train_mode=train_mode, bf16=True, max_steps=10)
+    if train_mode == "full":
+        values["learning_rate"] = 1e-3
+    config = load_config(["--train_args_file", str(write_config(tmp_path / "c.json", **values))])
+    trainer = run(config)
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    assert trainer.model.config._attn_implementation in (SEGMENT_SDPA, FLASH_ATTENTION)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report
