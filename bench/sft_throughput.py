@@ -205,7 +205,7 @@ def prepare_data(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> tuple[Path
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
         data = build_sft_dataset(str(subset), get_template(TEMPLATE), tok, spec.max_len, skip_invalid=True)
         data.dataset.save_to_disk(str(out))
-        (out / "summary.json").write_text(json.dumps(asdict(data.summary)))
+        (out / "summary.json").write_text(json.dumps({**asdict(data.summary), "source": data_file().name}))
     return out, json.loads((out / "summary.json").read_text())
 
 
@@ -453,7 +453,7 @@ def median_of(runs: list[dict], key: str) -> float:
 def table(spec: ModelSpec, summary: dict, results: dict[str, list[dict]]) -> str:
     rows = [
         f"### {spec.title}",
-        f"{summary['examples']} conversations ({data_file().name}), batch {spec.batch}, max length {spec.max_len}, "
+        f"{summary['examples']} conversations ({summary.get('source', data_file().name)}), batch {spec.batch}, max length {spec.max_len}, "
         f"{spec.steps} steps, {spec.threads} threads; medians of {max(len(r) for r in results.values())} runs; "
         "tokens/s over steps 2..N.",
         "",

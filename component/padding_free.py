@@ -12,14 +12,19 @@ Attention over such a row must keep the examples apart without a dense
 slower than attending to each example alone. So:
 - with flash-attention on a GPU: `flash_attention_2` (its varlen kernel);
 - elsewhere: `segment_sdpa`, registered here through transformers'
-  AttentionInterface: plain causal sdpa on each example's slice. Padded
+  AttentionInterface. On a CUDA device in half precision it calls PyTorch's
+  own variable-length FlashAttention (`torch.nn.attention.varlen`): one kernel
+  per layer on the `cu_seq_lens` the collator gave, with no host sync. On the
+  CPU (and in fp32) it runs plain causal sdpa on each example's slice. Padded
   batches (an explicit mask) go to transformers' own sdpa unchanged.
 Which model types may use which attention is data: `ModelTypeInfo`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,6 +39,8 @@ from component.template import IGNORE_INDEX
 
 SEGMENT_SDPA = "segment_sdpa"
 FLASH_ATTENTION = "flash_attention_2"
+VARLEN_DTYPES = (torch.float16, torch.bfloat16)
+"""The dtypes PyTorch's variable-length FlashAttention computes in."""
 
 
 # ---------------------------------------------------------------- collation
@@ -102,6 +109,52 @@ def _attend_segments(query, key, value, bounds, scaling, dropout, sliding_window
     return torch.cat(outputs, dim=2)
 
 
+@functools.cache
+def _torch_varlen():
+    """PyTorch's varlen_attn and the names of its keyword parameters, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen_usable(query: torch.Tensor, dropout: float, kwargs: dict) -> bool:
+    cu = kwargs.get("cu_seq_lens_q")
+    return (
+        query.is_cuda
+        and query.dtype in VARLEN_DTYPES
+        and not dropout
+        and torch.is_tensor(cu)
+        and cu.device == query.device
+        and isinstance(kwargs.get("max_length_q"), int)
+        and _torch_varlen() is not None
+    )
+
+
+def _attend_varlen(query, key, value, cu_seq_lens, max_length, scaling, sliding_window, groups) -> torch.Tensor:
+    """All examples of a one-row batch in one varlen kernel; (1, heads, T, dim) in, (1, T, heads, dim) out."""
+    varlen_attn, params = _torch_varlen()
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
+    extra = {}
+    if groups > 1 and "enable_gqa" in params:
+        extra["enable_gqa"] = True
+    elif groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if scaling is not None:
+        extra["scale"] = scaling
+    left = sliding_window - 1 if sliding_window else -1  # keys within `sliding_window` of the query, itself included
+    if "window_size" in params:
+        extra["window_size"] = (left, 0)
+    elif sliding_window:
+        raise ValueError("this torch's varlen_attn has no sliding window")
+    else:
+        extra["is_causal"] = True
+    cu = cu_seq_lens.to(torch.int32)
+    out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_length, max_length, **extra)
+    return out.unsqueeze(0)
+
+
 def segment_sdpa_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -129,6 +182,18 @@ def segment_sdpa_attention_forward(
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{SEGMENT_SDPA} does not support attention logit softcapping; use eager for this model type")
     groups = getattr(module, "num_key_value_groups", 1)
+    if _varlen_usable(query, dropout, kwargs):
+        out = _attend_varlen(
+            query,
+            key,
+            value,
+            kwargs["cu_seq_lens_q"],
+            kwargs["max_length_q"],
+            scaling,
+            kwargs.get("sliding_window"),
+            groups,
+        )
+        return out, None
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = segment_bounds(position_ids, kwargs.get("cu_seq_lens_q"))
     out = _attend_segments(query, key, value, bounds, scaling, dropout, kwargs.get("sliding_window"))

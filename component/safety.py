@@ -170,7 +170,8 @@ class NonFiniteGuard(TrainerCallback):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             return True  # DeepSpeed keeps them itself; the loss check still runs
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # One fused norm over all gradients (foreach kernels on a GPU): a NaN or inf anywhere makes it non-finite.
+        return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     def on_pre_optimizer_step(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         loss_ok = True if self._loss_ok is None else bool(self._loss_ok)

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from component import padding_free
 from component.collator import PaddingCollator
 from component.config import load_config
 from component.loss import find_head_parts, lean_causal_lm_loss
@@ -25,7 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 TOL = dict(atol=1e-4, rtol=1e-3)  # CUDA fp32 matmuls may use TF32-free but reordered reductions
-ATTENTIONS = [SEGMENT_SDPA] + ([FLASH_ATTENTION] if flash_attention_usable() else [])
 
 
 def examples(vocab: int, lengths=(7, 12, 5, 9)) -> list[dict]:
@@ -73,11 +73,14 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+CASES = [(SEGMENT_SDPA, torch.float32), (SEGMENT_SDPA, torch.bfloat16)]  # per-example sdpa; torch's varlen kernel
+CASES += [(FLASH_ATTENTION, torch.bfloat16)] if flash_attention_usable() else []  # flash-attention has no fp32
+
+
+@pytest.mark.parametrize("attention,dtype", CASES)
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
-def test_padding_free_matches_padded_on_cuda(kind, attention):
+def test_padding_free_matches_padded_on_cuda(kind, attention, dtype):
     tok = tiny_tokenizer()
-    dtype = torch.bfloat16 if attention == FLASH_ATTENTION else torch.float32  # flash-attention has no fp32
     model = cuda_model(kind, tok, dtype)
     feats = examples(len(tok))
     padded = loss_and_grads(model, on_cuda(PaddingCollator(tok.pad_token_id)(feats)))
@@ -87,6 +90,26 @@ def test_padding_free_matches_padded_on_cuda(kind, attention):
         assert_same(padded, packed, tol=dict(atol=2e-2, rtol=5e-2), rel=2e-2)
     else:
         assert_same(padded, packed)
+
+
+def test_half_precision_uses_one_varlen_kernel_per_layer(monkeypatch):
+    tok = tiny_tokenizer()
+    model = cuda_model("llama", tok, torch.bfloat16)
+    model.set_attn_implementation(SEGMENT_SDPA)
+    calls = {"varlen": 0}
+    varlen = padding_free._attend_varlen
+
+    def spy(*args):
+        calls["varlen"] += 1
+        return varlen(*args)
+
+    def no_per_example(*_args):
+        raise AssertionError("per-example sdpa on a CUDA bf16 batch")
+
+    monkeypatch.setattr(padding_free, "_attend_varlen", spy)
+    monkeypatch.setattr(padding_free, "_attend_segments", no_per_example)
+    model(**on_cuda(PaddingFreeCollator()(examples(len(tok)))))
+    assert calls["varlen"] == model.config.num_hidden_layers
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma"])

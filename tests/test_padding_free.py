@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, MistralConfig
 
 from component import padding_free
@@ -170,3 +171,66 @@ def test_training_run_uses_segment_attention(tiny_llama_dir, tmp_path):
     assert losses[-1] < losses[0]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert SEGMENT_SDPA not in json.dumps(saved)  # later tools load the model without our registry
+
+
+def _reference_varlen(with_window: bool, with_gqa: bool):
+    """A slow stand-in that follows torch.nn.attention.varlen.varlen_attn's documented contract (CPU has no kernel)."""
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, **kw):
+        assert q.dim() == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and max_q == max_k
+        if kw.get("enable_gqa"):
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        assert k.shape[1] == q.shape[1], "GQA needs enable_gqa or repeated key/value heads"
+        left, right = kw["window_size"] if with_window else (-1, 0)
+        assert right == 0 and (with_window or kw["is_causal"])
+        out = torch.empty_like(q)
+        bounds = cu_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            n = end - start
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+            mask = (j <= i) & ((i - j <= left) if left >= 0 else True)
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1),
+                k[start:end].transpose(0, 1),
+                v[start:end].transpose(0, 1),
+                attn_mask=mask,
+                scale=scale,
+            ).transpose(0, 1)
+        return out
+
+    params = {"scale"} | ({"window_size"} if with_window else {"is_causal"}) | ({"enable_gqa"} if with_gqa else set())
+    return varlen_attn, frozenset(params)
+
+
+@pytest.mark.parametrize(
+    "with_window,with_gqa,sliding_window",
+    [(True, True, None), (True, True, 4), (True, False, 4), (False, True, None), (False, False, None)],
+)
+def test_varlen_call_matches_per_segment_sdpa(monkeypatch, with_window, with_gqa, sliding_window):
+    # The GPU path hands the whole row to torch's varlen FlashAttention; its arguments are checked here
+    # against a reference of that function's contract (the kernel itself runs in tests/test_gpu.py).
+    monkeypatch.setattr(padding_free, "_torch_varlen", lambda: _reference_varlen(with_window, with_gqa))
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, bounds = 4, 2, 8, [0, 7, 19, 24, 33]
+    query = torch.randn(1, heads, bounds[-1], dim, generator=g)
+    key, value = (torch.randn(1, kv_heads, bounds[-1], dim, generator=g) for _ in range(2))
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    ours = padding_free._attend_varlen(query, key, value, cu, 12, 0.3, sliding_window, heads // kv_heads)
+    groups = heads // kv_heads
+    ref = padding_free._attend_segments(
+        query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1), bounds, 0.3, 0.0, sliding_window
+    )
+    torch.testing.assert_close(ours, ref.transpose(1, 2), atol=1e-6, rtol=1e-5)
+
+
+def test_varlen_without_window_support_refuses_sliding_window(monkeypatch):
+    monkeypatch.setattr(padding_free, "_torch_varlen", lambda: _reference_varlen(False, True))
+    x = torch.zeros(1, 2, 6, 4)
+    with pytest.raises(ValueError, match="sliding window"):
+        padding_free._attend_varlen(x, x, x, torch.tensor([0, 6], dtype=torch.int32), 6, None, 4, 1)
+
+
+def test_varlen_path_only_on_cuda_half_precision():
+    kwargs = {"cu_seq_lens_q": torch.tensor([0, 3], dtype=torch.int32), "max_length_q": 3}
+    assert not padding_free._varlen_usable(torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16), 0.0, kwargs)  # CPU
