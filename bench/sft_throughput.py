@@ -7,7 +7,7 @@
 Both trainers get the same weights (saved once, loaded by every run), the same
 tokenized conversations in the same order (sequential sampling), the same
 precision, batch size, max length, optimizer, learning rate and step count, and
-gradient checkpointing on (TRL's default). TRL receives our tokenized examples
+gradient checkpointing on and the fused AdamW (both TRL's defaults). TRL receives our tokenized examples
 as a pre-processed dataset (`input_ids` + `labels` columns, which TRL 1.16 uses
 as they are), so the template and the loss mask are identical token for token:
 no `{% generation %}` template and no completion-only approximation is needed.
@@ -46,6 +46,8 @@ TEMPLATE = "smollm"  # SmolLM2-Instruct's own chat format (ChatML + its default 
 CONFIGS = ("ours", "trl_pad", "trl_padding_free", "trl_packing")
 SEED = 1
 LEARNING_RATE = 1e-4
+TRL_DEFAULT_OPTIM = "adamw_torch_fused"
+"""TRL 1.16's SFTConfig default optimizer (transformers 5's); both sides use it (a test checks it is still TRL's)."""
 
 
 @dataclass
@@ -281,7 +283,7 @@ def common_args(spec: ModelSpec, out: str) -> dict:
         learning_rate=LEARNING_RATE,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        optim="adamw_torch",
+        optim=TRL_DEFAULT_OPTIM,
         logging_steps=1,
         save_strategy="no",
         report_to="none",

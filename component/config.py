@@ -510,7 +510,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,  # our collators read the columns themselves
     "logging_first_step": True,
     "save_strategy": "steps",
-    "optim": "adamw_torch",
+    "optim": "adamw_torch_fused",  # transformers' and TRL's default: no per-parameter temporaries in the step
 }
 
 

@@ -166,7 +166,9 @@ def deepspeed_problems(values: dict[str, Any]) -> list[str]:
         )
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
-        optim = values.get("optim", "adamw_torch")
+        from component.config import TRAINING_DEFAULTS  # config imports this module's checks lazily too
+
+        optim = values.get("optim", TRAINING_DEFAULTS["optim"])
         if str(opt.get("type", "")).lower() not in ("adam", "adamw") or optim not in ADAM_OPTIMS:
             problems.append(
                 f"{where}: its optimizer {opt.get('type')!r} would replace optim {optim!r}; remove the "

@@ -127,11 +127,15 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("the lean loss's backward runs once: its gradients are scaled in place")
+        ctx.consumed = True
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) if have else None for have in ctx.have]
-        grad_h = grads[0] * grad_out.to(grads[0].dtype) if grads[0] is not None else None
-        grad_w = (grads[1] * grad_out).to(ctx.dtypes[0]) if grads[1] is not None else None
-        grad_b = (grads[2] * grad_out).to(ctx.dtypes[1]) if grads[2] is not None else None
+        # In place: the saved buffers are this call's own and die with it, so no (vocab x hidden) copy is made.
+        grad_h = grads[0].mul_(grad_out.to(grads[0].dtype)) if grads[0] is not None else None
+        grad_w = grads[1].mul_(grad_out).to(ctx.dtypes[0]) if grads[1] is not None else None
+        grad_b = grads[2].mul_(grad_out).to(ctx.dtypes[1]) if grads[2] is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None
 
 

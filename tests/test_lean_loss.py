@@ -193,3 +193,13 @@ def test_trainer_lean_loss_is_accumulation_invariant(tmp_path):
         assert loss == pytest.approx(loss_ref, rel=1e-4)
         for name in ref:
             torch.testing.assert_close(weights[name], ref[name], **TOL, msg=name)
+
+
+def test_second_backward_through_the_fused_head_is_refused():
+    tok = tiny_tokenizer()
+    model = model_of("llama", tok)
+    batch = PaddingCollator(tok.pad_token_id)(examples(len(tok)))
+    loss = lean_causal_lm_loss(model, find_head_parts(model), batch)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
