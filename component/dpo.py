@@ -46,6 +46,7 @@ from component.template import (
     render,
     resolve_template,
 )
+from component.report import observe_batch
 from component.trainer import default_callbacks
 
 ROLES = ("system", "user", "assistant")
@@ -341,6 +342,10 @@ def _trainer_class():
             if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            observe_batch(self.callback_handler.callbacks, inputs)  # token counts for report.json
+            return super().training_step(model, inputs, *args, **kwargs)
 
         def _send_telemetry(self):
             """No usage ping: we never contact a remote service unasked."""

@@ -60,6 +60,9 @@ STATUS_INTERRUPTED = "interrupted"
 def batch_counts(inputs: dict) -> tuple[int | torch.Tensor, int | torch.Tensor, int | torch.Tensor]:
     """(examples, real tokens, supervised tokens) in one micro-batch, as 0-d tensors or ints.
 
+    Examples are sequences: a DPO pair counts as two (chosen and rejected), and its supervised
+    tokens are those of both completions.
+
     Left as tensors so that counting a GPU batch does not wait for the GPU.
     """
     input_ids = inputs.get("input_ids")
@@ -79,7 +82,13 @@ def batch_counts(inputs: dict) -> tuple[int | torch.Tensor, int | torch.Tensor, 
             examples = (positions == 0).sum()
     else:
         return 0, 0, 0
-    supervised = (labels != IGNORE_INDEX).sum() if isinstance(labels, torch.Tensor) else 0
+    completion = inputs.get("completion_mask")  # preference batches (trl's DPO collator): no labels
+    if isinstance(labels, torch.Tensor):
+        supervised = (labels != IGNORE_INDEX).sum()
+    elif isinstance(completion, torch.Tensor):
+        supervised = (completion * mask).sum() if isinstance(mask, torch.Tensor) else completion.sum()
+    else:
+        supervised = 0
     return examples, real, supervised
 
 

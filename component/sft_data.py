@@ -69,9 +69,25 @@ def check_conversation(obj: Any) -> Union[dict, str]:
     return {"conversation": conv, "system": system}
 
 
-def read_conversations(path: str, skip_invalid: bool = False) -> ReadResult:
-    """Read and check a conversation file; raise on problems unless skipping."""
-    result = read_jsonl(path, check_conversation)
+def refused_system(record: dict, template: Optional[Template]) -> Optional[str]:
+    """Why `template` cannot render this record's system prompt, or None."""
+    system_mode = getattr(template, "system_mode", None)  # an `auto` template renders any system prompt
+    if record.get("system") and system_mode == "refuse":
+        return (
+            f"'system': template {template.name!r} has no system role ({template.system_note}); "
+            "remove the system prompt or choose a template with one"
+        )
+    return None
+
+
+def read_conversations(path: str, skip_invalid: bool = False, template: Optional[Template] = None) -> ReadResult:
+    """Read and check a conversation file (against `template` too, when given); raise on problems unless skipping."""
+
+    def check(obj: Any) -> Union[dict, str]:
+        record = check_conversation(obj)
+        return (refused_system(record, template) or record) if isinstance(record, dict) else record
+
+    result = read_jsonl(path, check)
     if result.problems and not skip_invalid:
         raise_problems(path, result.problems, SKIP_HINT)
     if not result.records:
@@ -134,7 +150,7 @@ def build_sft_dataset(
     num_workers: int = 1,
     skip_invalid: bool = False,
 ) -> SFTData:
-    read = read_conversations(path, skip_invalid)
+    read = read_conversations(path, skip_invalid, template)
     raw = Dataset.from_list(read.records)
     tokenized = raw.map(
         tokenize_conversation,

@@ -125,7 +125,7 @@ def run(argv: Sequence[str], out=sys.stdout) -> None:
         f"source: {template.source}",
         file=out,
     )
-    records = read_conversations(data.train_file, data.skip_invalid_examples).records
+    records = read_conversations(data.train_file, data.skip_invalid_examples, template).records
     for n in range(args.index, min(args.index + args.num, len(records))):
         print(show_example(n, records[n], template, tokenizer, data.max_seq_length, color), file=out)
     built = build_sft_dataset(

@@ -122,3 +122,28 @@ def test_skip_invalid_examples_trains_and_lists_them(tmp_path, tiny_llama_dir, s
     assert [ln.split(": ")[0] for ln in listed] == [f"{data}:2", f"{data}:4", f"{data}:6"]
     assert "skipped 3 invalid lines" in stderr()
     assert json.loads((out / "data_summary.json").read_text())["invalid_lines"] == 3
+
+
+def test_system_prompt_a_template_cannot_render_names_its_line(tmp_path, tiny_llama_dir, stderr):
+    # minicpm has no system role: the line with a system prompt is named before anything loads or trains.
+    data = write_lines(
+        tmp_path / "d.jsonl",
+        [GOOD, conv(system="Be brief.", conversation=[{"human": "a", "assistant": "b"}]), GOOD],
+    )
+    code, out = run_train(tmp_path, tiny_llama_dir, data, template_name="minicpm")
+    err = stderr()
+    assert code == USER_ERROR_EXIT_CODE
+    assert f"{data}:2: 'system': template 'minicpm' has no system role" in err
+    assert "Traceback" not in err and not (out / "adapter_model.safetensors").exists()
+
+
+def test_skipping_invalid_lines_also_skips_a_refused_system_prompt(tmp_path, tiny_llama_dir):
+    data = write_lines(
+        tmp_path / "d.jsonl",
+        [GOOD, conv(system="Be brief.", conversation=[{"human": "a", "assistant": "b"}]), GOOD],
+    )
+    code, out = run_train(
+        tmp_path, tiny_llama_dir, data, template_name="minicpm", skip_invalid_examples=True, max_steps=1
+    )
+    assert code == 0
+    assert ":2: 'system'" in (out / INVALID_EXAMPLES_FILE).read_text()

@@ -225,6 +225,12 @@ def test_dpo_lora_uses_the_base_as_reference(tiny_llama_dir, tmp_path, train_pai
     _assert_learned(logs, scored)
     assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]  # no second copy
     assert (out / "adapter_model.safetensors").is_file()
+    # report.json counts DPO tokens too: each pair is two sequences, its completions are what is supervised.
+    report = json.loads((out / "report.json").read_text())
+    steps, batch = trainer.state.global_step, config["per_device_train_batch_size"]
+    assert report["examples_seen"] == 2 * batch * steps
+    assert 0 < report["supervised_tokens_seen"] < report["real_tokens_seen"]
+    assert report["real_tokens_per_second"] > 0
 
 
 def test_dpo_qlora_runs_on_the_cpu(tiny_llama_dir, tmp_path, train_pairs):
