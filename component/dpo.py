@@ -34,6 +34,7 @@ from transformers import TrainingArguments
 
 from component.config import VALIDATORS, Config
 from component.jsonl import Problem, raise_problems, read_jsonl
+from component.report import observe_batch
 from component.sft import TaskData, build_splits
 from component.sft_data import SKIP_HINT
 from component.template import (
@@ -46,7 +47,6 @@ from component.template import (
     render,
     resolve_template,
 )
-from component.report import observe_batch
 from component.trainer import default_callbacks
 
 ROLES = ("system", "user", "assistant")

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from loguru import logger
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
@@ -23,6 +24,11 @@ class FinetuneTrainer(Trainer):
         # None where the model's type or config rules the lean loss out (component/loss.py).
         # ZeRO-3 partitions the head's weight and gathers it only inside the model's own forward.
         self.lean_parts = find_head_parts(self.model) if lean_loss and not is_deepspeed_zero3_enabled() else None
+        logger.info(
+            "loss: lean (the output head runs on labelled positions only)"
+            if self.lean_parts is not None
+            else "loss: the model's own (full-sequence logits)"
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.lean_parts is None or return_outputs or "labels" not in inputs:

@@ -272,6 +272,9 @@ def deepspeed_runs(work, tiny_llama_dir) -> dict[tuple[str, str], Path]:
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_torchrun_ddp_matches_one_process(ddp, single, mode):
     assert_same_training(ddp[mode], single[mode], mode)
+    # ...with the lean loss, our default, on both sides: it survives DDP's wrapping and gradient averaging.
+    for run in (ddp[mode], single[mode]):
+        assert "loss: lean" in (run / "train.log").read_text(), run
 
 
 def test_torchrun_only_rank0_writes_the_log(ddp):
