@@ -17,8 +17,8 @@ from component.collator import PaddingCollator
 from component.config import load_config
 from component.loss import find_head_parts, lean_causal_lm_loss
 from component.padding_free import FLASH_ATTENTION, SEGMENT_SDPA, PaddingFreeCollator, flash_attention_usable
-from component.template import IGNORE_INDEX
 from tests.conftest import base_config, write_config
+from tests.test_padding_free import examples
 from tests.tiny import tiny_model, tiny_tokenizer
 
 pytestmark = [
@@ -26,15 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 TOL = dict(atol=1e-4, rtol=1e-3)  # CUDA fp32 matmuls may use TF32-free but reordered reductions
-
-
-def examples(vocab: int, lengths=(7, 12, 5, 9)) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for n in lengths:
-        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
-    return out
 
 
 def on_cuda(batch: dict) -> dict:
