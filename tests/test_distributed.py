@@ -35,6 +35,7 @@ from component.config import CONFIG_FILE_FLAG, load_config
 from component.distributed import free_port
 from component.errors import USER_ERROR_EXIT_CODE
 from tests.conftest import ROOT, base_config, write_config
+from tests.runs import subprocess_env
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 TRAIN_ARGS = ROOT / "train_args"
@@ -58,14 +59,7 @@ AUTO_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_acc
 
 
 def launch_env() -> dict:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = subprocess_env()  # as the single-process subprocess runs, minus any inherited rank variables
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
