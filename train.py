@@ -13,6 +13,7 @@ import sys
 from loguru import logger
 
 from component.config import HELP_FLAGS, describe_keys, load_config
+from component.distributed import shutdown
 from component.errors import USER_ERROR_EXIT_CODE, UserError
 from component.logs import setup_logging
 from component.runner import run
@@ -34,4 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    shutdown(wait=status == 0)
+    sys.exit(status)

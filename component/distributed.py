@@ -103,6 +103,25 @@ def prepare_training_kwargs(kwargs: dict[str, Any], train_mode: str) -> dict[str
     return out
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group before the interpreter exits: every rank, then destroy it.
+
+    A rank that exits with its gloo group still live can abort in teardown
+    ("terminate called without an active exception", SIGABRT) while another
+    rank is still saving, and torchrun then fails the whole launch. `wait`
+    (the run succeeded on this rank) first waits for every rank at a barrier;
+    after a failure the group is only destroyed, since the other ranks may
+    never reach the barrier.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))

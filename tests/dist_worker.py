@@ -12,9 +12,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from component.distributed import shutdown  # noqa: E402
 
 if __name__ == "__main__":
+    status = 0
     for path in sys.argv[1:]:
         status = train.main(["--train_args_file", path])
         if status:
-            sys.exit(status)
+            break
+    shutdown(wait=status == 0)
+    sys.exit(status)

@@ -356,6 +356,28 @@ def test_backend_is_gloo_on_cpu_nccl_on_gpu_and_configurable():
     assert distributed.choose_backend("mpi", gpu=False) == "mpi"
 
 
+SHUTDOWN_PROBE = """
+import sys
+import torch.distributed as dist
+from component.distributed import shutdown
+shutdown()  # no group: nothing to do
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
+shutdown(wait=sys.argv[1] == "1")
+print("initialized after shutdown:", dist.is_initialized())
+"""
+
+
+@pytest.mark.parametrize("wait", ["1", "0"])
+def test_shutdown_leaves_the_process_group(wait):
+    """train.py and the worker leave the gloo group before exiting (a live one can abort a rank's exit)."""
+    code = SHUTDOWN_PROBE % free_port()
+    out = subprocess.run(
+        [sys.executable, "-c", code, wait], capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "initialized after shutdown: False" in out.stdout
+
+
 def test_one_process_keeps_training_arguments(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     kwargs = {"output_dir": "x", "use_cpu": False}
