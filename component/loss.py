@@ -88,10 +88,16 @@ def _softcapped(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
 
 
 class _FusedHeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T (+ bias)`, gradients computed chunk by chunk in forward."""
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)`, gradients computed chunk by chunk in forward.
+
+    Each chunk's logits are turned into the softmax in place, so one (rows x
+    vocabulary) fp32 buffer is live per chunk (logsumexp and exp would each make
+    another). With a `sink` (a `TiedHeadGrad`), the weight's gradient is handed
+    to it in backward instead of to autograd.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, want_grads):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, want_grads, sink=None):
         need_h, need_w = want_grads and ctx.needs_input_grad[0], want_grads and ctx.needs_input_grad[1]
         need_b = want_grads and bias is not None and ctx.needs_input_grad[2]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -100,15 +106,22 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            raw = F.linear(h, weight, bias).float()
-            tanh = torch.tanh(raw / softcap) if softcap else None
-            logits = tanh * softcap if softcap else raw
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = F.linear(h, weight, bias).float()
+            tanh = None
+            if softcap:
+                tanh = logits.div_(softcap).tanh_()
+                logits = tanh * softcap
+            rows = torch.arange(t.shape[0], device=t.device)
+            picked = logits[rows, t]
+            top = logits.amax(dim=-1)
+            probs = logits.sub_(top[:, None]).exp_()  # in place: exp(logit - max)
+            norm = probs.sum(dim=-1)
+            total += (top + norm.log() - picked).sum()  # logsumexp - target logit
             if not (need_h or need_w or need_b):
+                del logits, probs, tanh
                 continue
-            grad = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
-            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad = probs.div_(norm[:, None])  # the softmax, still in the same buffer
+            grad[rows, t] -= 1.0
             if softcap:
                 grad *= 1.0 - tanh * tanh
             grad = grad.to(hidden.dtype)
@@ -120,9 +133,11 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
                 grad_w += (grad.t() @ h).float()
             if need_b:
                 grad_b += grad.float().sum(0)
+            del logits, probs, grad, tanh  # before the next chunk's logits exist: one chunk live at a time
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.have = (need_h, need_w, need_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.sink = sink
         return total
 
     @staticmethod
@@ -136,7 +151,10 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_h = grads[0].mul_(grad_out.to(grads[0].dtype)) if grads[0] is not None else None
         grad_w = grads[1].mul_(grad_out).to(ctx.dtypes[0]) if grads[1] is not None else None
         grad_b = grads[2].mul_(grad_out).to(ctx.dtypes[1]) if grads[2] is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        if ctx.sink is not None and grad_w is not None:
+            ctx.sink.add(grad_w)
+            grad_w = None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def _chunk_loss(head: nn.Module, softcap: Optional[float], hidden: torch.Tensor, targets: torch.Tensor):
@@ -150,13 +168,17 @@ def head_cross_entropy_sum(
     head: nn.Module,
     softcap: Optional[float] = None,
     chunk_elements: Optional[int] = None,
+    sink: Optional[TiedHeadGrad] = None,
 ):
-    """Summed cross-entropy of the head applied to `hidden` rows (N, H) against `targets` (N,)."""
+    """Summed cross-entropy of the head applied to `hidden` rows (N, H) against `targets` (N,).
+
+    `sink`: where the head weight's gradient goes instead of autograd (plain linear heads only).
+    """
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     chunk = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // max(vocab, 1))
     if _plain_linear(head):
         return _FusedHeadCrossEntropy.apply(
-            hidden, head.weight, head.bias, targets, softcap, chunk, torch.is_grad_enabled()
+            hidden, head.weight, head.bias, targets, softcap, chunk, torch.is_grad_enabled(), sink
         )
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
@@ -191,13 +213,70 @@ def decoder_hidden_states(model: nn.Module, parts: HeadParts, inputs: dict) -> t
     return captured["hidden"]
 
 
-def lean_causal_lm_loss(model: nn.Module, parts: HeadParts, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+def lean_causal_lm_loss(
+    model: nn.Module, parts: HeadParts, inputs: dict, num_items_in_batch=None, sink: Optional[TiedHeadGrad] = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions, without full-sequence logits."""
     hidden = decoder_hidden_states(model, parts, inputs)
     rows, targets = labelled_rows(hidden, inputs["labels"].to(hidden.device))
-    total = head_cross_entropy_sum(rows, targets, parts.head, parts.softcap)
+    total = head_cross_entropy_sum(rows, targets, parts.head, parts.softcap, sink=sink)
     if num_items_in_batch is None:
         return total / max(targets.numel(), 1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+class TiedHeadGrad:
+    """One (vocab x hidden) gradient buffer, not two, for an output head tied to the input embedding.
+
+    Autograd sums a tied weight's two gradients in a buffer of its own: the
+    head's (vocab x hidden, computed by the lean loss) waits there while the
+    embedding lookup's, dense and as large, is made and added. For a 256k
+    vocabulary that second buffer is the peak of the step. Here the embedding
+    gives a sparse gradient (its rows only), the lean loss hands the head's
+    gradient to `add` in backward instead of to autograd, and `flush` (right
+    after backward) adds the two into that one buffer: `weight.grad` ends up
+    exactly as autograd's sum.
+
+    One process only: DDP all-reduces gradients as autograd finishes them, so
+    a gradient added after backward would never be reduced (`usable` says so).
+    """
+
+    def __init__(self, weight: nn.Parameter, embedding: nn.Embedding):
+        self.weight = weight
+        self.embedding = embedding
+        self.pending: Optional[torch.Tensor] = None
+        embedding.sparse = True
+
+    @staticmethod
+    def usable(parts: Optional[HeadParts], model: nn.Module, processes: int) -> Optional[nn.Embedding]:
+        """The input embedding to pair with the head, or None where this does not apply."""
+        if parts is None or processes != 1 or not _plain_linear(parts.head):
+            return None
+        lm = unwrap(model)
+        embedding = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+        if not isinstance(embedding, nn.Embedding) or embedding.weight is not parts.head.weight:
+            return None  # untied: each weight has its own gradient anyway
+        return embedding if embedding.weight.requires_grad else None
+
+    def add(self, grad: torch.Tensor) -> None:
+        self.pending = grad if self.pending is None else self.pending.add_(grad)
+
+    def flush(self) -> None:
+        """Add the head's gradient to what autograd left in `weight.grad` (the embedding's, sparse)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        grad = self.weight.grad
+        if grad is None:
+            self.weight.grad = pending
+        elif grad.is_sparse:
+            self.weight.grad = pending.add_(grad)  # dense += sparse, in the head's buffer
+        else:
+            grad.add_(pending)
+
+    def close(self) -> None:
+        """Give the embedding back its dense gradient (after training)."""
+        self.flush()
+        self.embedding.sparse = False

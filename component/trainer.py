@@ -11,7 +11,7 @@ from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from component.logs import LogCallback
-from component.loss import find_head_parts, lean_causal_lm_loss
+from component.loss import TiedHeadGrad, find_head_parts, lean_causal_lm_loss
 from component.report import RunReportCallback, observe_batch
 from component.safety import observe_loss
 
@@ -29,11 +29,17 @@ class FinetuneTrainer(Trainer):
             if self.lean_parts is not None
             else "loss: the model's own (full-sequence logits)"
         )
+        # A head tied to the input embedding: one weight-gradient buffer instead of two (component/loss.py).
+        one_process = self.args.n_gpu <= 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        embedding = TiedHeadGrad.usable(
+            self.lean_parts, self.model, self.accelerator.num_processes if one_process else 0
+        )
+        self.tied_grad = TiedHeadGrad(embedding.weight, embedding) if embedding is not None else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.lean_parts is None or return_outputs or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = lean_causal_lm_loss(model, self.lean_parts, inputs, num_items_in_batch)
+        loss = lean_causal_lm_loss(model, self.lean_parts, inputs, num_items_in_batch, sink=self.tied_grad)
         if (
             self.args.average_tokens_across_devices
             and self.model_accepts_loss_kwargs
@@ -43,10 +49,19 @@ class FinetuneTrainer(Trainer):
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return loss
 
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.tied_grad is not None:
+                self.tied_grad.close()
+
     def training_step(self, model, inputs, *args, **kwargs):
         # The run report counts real and supervised tokens from each micro-batch.
         observe_batch(self.callback_handler.callbacks, inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.tied_grad is not None:
+            self.tied_grad.flush()  # before clipping, the finite-gradient guard and the optimizer
         observe_loss(self.callback_handler.callbacks, loss)  # the non-finite guard (component/safety.py)
         return loss
 

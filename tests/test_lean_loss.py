@@ -147,11 +147,11 @@ def test_unverified_model_types_and_logit_scaling_fall_back():
     assert find_head_parts(model) is None
 
 
-def trained_weights(tmp_path, batch_size, accumulation, lean_on):
+def trained_weights(tmp_path, batch_size, accumulation, lean_on, kind="llama"):
     tok = tiny_tokenizer()
-    model = model_of("llama", tok)
+    model = model_of(kind, tok)
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"o{batch_size}{lean_on}"),
+        output_dir=str(tmp_path / f"o{kind}{batch_size}{accumulation}{lean_on}"),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         max_steps=1,
@@ -170,7 +170,10 @@ def trained_weights(tmp_path, batch_size, accumulation, lean_on):
     )
     trainer.get_train_dataloader = _in_order(trainer)
     assert (trainer.lean_parts is not None) == lean_on
+    # Gemma ties its head to the embedding: one process, so the lean loss keeps one gradient buffer for both.
+    assert (trainer.tied_grad is not None) == (lean_on and kind == "gemma")
     trainer.train()
+    assert not model.get_input_embeddings().sparse  # given back after training
     loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
     return loss, {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -186,10 +189,11 @@ def _in_order(trainer):
     )
 
 
-def test_trainer_lean_loss_is_accumulation_invariant(tmp_path):
-    loss_ref, ref = trained_weights(tmp_path, 4, 1, lean_on=False)
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_trainer_lean_loss_is_accumulation_invariant(tmp_path, kind):
+    loss_ref, ref = trained_weights(tmp_path, 4, 1, lean_on=False, kind=kind)
     for batch_size, accumulation in ((4, 1), (1, 4)):
-        loss, weights = trained_weights(tmp_path, batch_size, accumulation, lean_on=True)
+        loss, weights = trained_weights(tmp_path, batch_size, accumulation, lean_on=True, kind=kind)
         assert loss == pytest.approx(loss_ref, rel=1e-4)
         for name in ref:
             torch.testing.assert_close(weights[name], ref[name], **TOL, msg=name)
@@ -203,3 +207,39 @@ def test_second_backward_through_the_fused_head_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="runs once"):
         loss.backward()
+
+
+def test_tied_head_gradient_is_one_buffer_and_equals_autograds_sum():
+    """The head's gradient goes to TiedHeadGrad, the embedding's comes sparse; flush gives autograd's dense sum."""
+    tok = tiny_tokenizer()
+    model = model_of("gemma", tok)
+    batch = PaddingCollator(tok.pad_token_id)(examples(len(tok)))
+    reference = standard(model, batch)
+    parts = find_head_parts(model)
+    embedding = lean.TiedHeadGrad.usable(parts, model, processes=1)
+    assert embedding is model.get_input_embeddings()
+    sink = lean.TiedHeadGrad(embedding.weight, embedding)
+    model.zero_grad()
+    count = torch.tensor(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
+    for first, half in ((True, slice(0, 2)), (False, slice(2, 4))):  # two micro-batches, as under accumulation
+        part = {k: v[half] for k, v in batch.items()}
+        lean_causal_lm_loss(model, parts, part, count, sink=sink).backward()
+        assert sink.pending is not None and embedding.weight.grad.is_sparse == first  # the embedding's rows only
+        sink.flush()
+        assert sink.pending is None and not embedding.weight.grad.is_sparse
+    assert_same(reference, (reference[0], grads(model)))
+    sink.close()
+    assert not embedding.sparse
+
+
+def test_tied_head_gradient_only_where_it_is_exact():
+    tok = tiny_tokenizer()
+    gemma = model_of("gemma", tok)
+    parts = find_head_parts(gemma)
+    assert lean.TiedHeadGrad.usable(parts, gemma, processes=1) is not None
+    assert lean.TiedHeadGrad.usable(parts, gemma, processes=2) is None  # DDP reduces gradients during backward
+    llama = model_of("llama", tok)
+    assert llama.get_output_embeddings().weight is not llama.get_input_embeddings().weight
+    assert lean.TiedHeadGrad.usable(find_head_parts(llama), llama, processes=1) is None  # untied
+    adapted = lora(model_of("gemma", tok), ["q_proj"])
+    assert lean.TiedHeadGrad.usable(find_head_parts(adapted), adapted, processes=1) is None  # frozen embedding
