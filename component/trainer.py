@@ -30,11 +30,16 @@ class FinetuneTrainer(Trainer):
             else "loss: the model's own (full-sequence logits)"
         )
         # A head tied to the input embedding: one weight-gradient buffer instead of two (component/loss.py).
-        one_process = self.args.n_gpu <= 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        # Eager single-process runs only: not DataParallel, DeepSpeed, FSDP, or a compiled model.
+        one_process = self.args.n_gpu <= 1 and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.torch_compile
+        )
         embedding = TiedHeadGrad.usable(
             self.lean_parts, self.model, self.accelerator.num_processes if one_process else 0
         )
         self.tied_grad = TiedHeadGrad(embedding.weight, embedding) if embedding is not None else None
+        if self.tied_grad is not None:
+            logger.info("tied head and embedding: one gradient buffer (the lookup's gradient is sparse until added)")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.lean_parts is None or return_outputs or "labels" not in inputs:
