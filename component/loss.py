@@ -247,7 +247,7 @@ class TiedHeadGrad:
         self.weight = weight
         self.embedding = embedding
         self.pending: Optional[torch.Tensor] = None
-        embedding.sparse = True
+        self.open()
 
     @staticmethod
     def usable(parts: Optional[HeadParts], model: nn.Module, processes: int) -> Optional[nn.Embedding]:
@@ -275,6 +275,10 @@ class TiedHeadGrad:
             self.weight.grad = pending.add_(grad)  # dense += sparse, in the head's buffer
         else:
             grad.add_(pending)
+
+    def open(self) -> None:
+        """The embedding lookup gives sparse gradients (set again by each `train()`)."""
+        self.embedding.sparse = True
 
     def close(self) -> None:
         """Give the embedding back its dense gradient (after training)."""

@@ -55,6 +55,8 @@ class FinetuneTrainer(Trainer):
         return loss
 
     def train(self, *args, **kwargs):
+        if self.tied_grad is not None:
+            self.tied_grad.open()
         try:
             return super().train(*args, **kwargs)
         finally:

@@ -175,7 +175,12 @@ def trained_weights(tmp_path, batch_size, accumulation, lean_on, kind="llama"):
     trainer.train()
     assert not model.get_input_embeddings().sparse  # given back after training
     loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
-    return loss, {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if trainer.tied_grad is not None:  # a second train() (as a resume would) pairs them again
+        trainer.train()
+        assert trainer.tied_grad.pending is None and not model.get_input_embeddings().sparse
+        assert not torch.equal(model.get_input_embeddings().weight, weights["model.embed_tokens.weight"])
+    return loss, weights
 
 
 def _in_order(trainer):
