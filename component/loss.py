@@ -247,7 +247,6 @@ class TiedHeadGrad:
         self.weight = weight
         self.embedding = embedding
         self.pending: Optional[torch.Tensor] = None
-        self.open()
 
     @staticmethod
     def usable(parts: Optional[HeadParts], model: nn.Module, processes: int) -> Optional[nn.Embedding]:
@@ -277,7 +276,7 @@ class TiedHeadGrad:
             grad.add_(pending)
 
     def open(self) -> None:
-        """The embedding lookup gives sparse gradients (set again by each `train()`)."""
+        """The embedding lookup gives sparse gradients (from here until `close`; the trainer opens it in `train()`)."""
         self.embedding.sparse = True
 
     def close(self) -> None:

@@ -224,6 +224,8 @@ def test_tied_head_gradient_is_one_buffer_and_equals_autograds_sum():
     embedding = lean.TiedHeadGrad.usable(parts, model, processes=1)
     assert embedding is model.get_input_embeddings()
     sink = lean.TiedHeadGrad(embedding.weight, embedding)
+    assert not embedding.sparse  # untouched until opened (the trainer opens it in train())
+    sink.open()
     model.zero_grad()
     count = torch.tensor(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()))
     for first, half in ((True, slice(0, 2)), (False, slice(2, 4))):  # two micro-batches, as under accumulation
