@@ -36,5 +36,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    shutdown(wait=status == 0)
+    shutdown(status)  # a launched rank ends here
     sys.exit(status)

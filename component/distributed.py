@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -103,23 +104,31 @@ def prepare_training_kwargs(kwargs: dict[str, Any], train_mode: str) -> dict[str
     return out
 
 
-def shutdown(wait: bool = True) -> None:
-    """Leave the process group before the interpreter exits: every rank, then destroy it.
+def shutdown(status: int) -> None:
+    """End a launched rank after its runs, without the process group's teardown.
 
-    A rank that exits with its gloo group still live can abort in teardown
-    ("terminate called without an active exception", SIGABRT) while another
-    rank is still saving, and torchrun then fails the whole launch. `wait`
-    (the run succeeded on this rank) first waits for every rank at a barrier;
-    after a failure the group is only destroyed, since the other ranks may
-    never reach the barrier.
+    A rank that exits normally tears its gloo group down in C++ destructors,
+    and that teardown sometimes aborts ("terminate called without an active
+    exception", SIGABRT) after all work is done; torchrun then fails the whole
+    launch. It happened in CI with the group left live and with it destroyed
+    first. So a launched rank that succeeded waits for every rank at a
+    barrier (nobody is still communicating or saving), flushes its logs and
+    exits at once with `os._exit`, skipping the destructors. After a failure
+    it exits the same way without the barrier, which the other ranks may never
+    reach. Without a process group this returns and the caller exits as usual.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if wait:
+    if status == 0:
         dist.barrier()
-    dist.destroy_process_group()
+    from loguru import logger
+
+    logger.remove()  # closes (and flushes) every sink: train.log is complete
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def free_port(host: str = LOOPBACK) -> int:

@@ -20,5 +20,5 @@ if __name__ == "__main__":
         status = train.main(["--train_args_file", path])
         if status:
             break
-    shutdown(wait=status == 0)
+    shutdown(status)  # a launched rank ends here
     sys.exit(status)
