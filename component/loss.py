@@ -5,14 +5,17 @@ standard loss projects every position onto the whole vocabulary and keeps those
 fp32 logits for the backward pass. Here the model runs with an empty
 `logits_to_keep`, so its own head computes nothing; the decoder's last hidden
 state is taken with a forward hook; the positions whose *shifted* label is set
-are selected; and the head and cross-entropy run on those rows only, in chunks
-of about `LOGITS_CHUNK_ELEMENTS` logits:
+are selected; and the head and cross-entropy run on those rows only:
 - a plain `nn.Linear` head (full, LoRA and QLoRA runs, whose head is not
   adapted or quantized): one fused step that returns the loss and computes the
-  gradients of the hidden rows and of the head in the same pass, so no chunk's
-  logits outlive that chunk and nothing is recomputed;
-- any other head (an adapted or quantized one): each chunk checkpointed, so its
-  logits are recomputed in the backward pass instead of kept.
+  gradients of the hidden rows and of the head in the same call, so no logits
+  outlive it and nothing is recomputed in backward. It walks the logits in
+  chunks of rows (one pass) or in blocks of the vocabulary (a buffer of a few
+  MB, and a second pass where the head's weight gradient is wanted), as
+  `fused_plan` decides;
+- any other head (an adapted or quantized one): chunks of about
+  `LOGITS_CHUNK_ELEMENTS` logits, each checkpointed, so its logits are
+  recomputed in the backward pass instead of kept.
 The loss is the summed cross-entropy divided by `num_items_in_batch` when the
 Trainer gives it (its token count over the accumulated batch and devices), else
 by this batch's label count: the same normalisation as transformers' loss.
@@ -37,7 +40,13 @@ from component.model_types import model_type_info
 from component.template import IGNORE_INDEX
 
 LOGITS_CHUNK_ELEMENTS = 1 << 24
-"""Logits computed at once (rows x vocabulary): 64 MB in fp32 whatever the vocabulary."""
+"""Logits computed at once (rows x vocabulary, or rows x a vocabulary block off the CPU): 64 MB in fp32."""
+CPU_BLOCK_ELEMENTS = 1 << 18
+"""Logits of one vocabulary block on the CPU (rows x columns): 1 MB in fp32, about one core's L2 cache."""
+MIN_BLOCK_COLUMNS = 128
+"""The narrowest vocabulary block, however many rows: narrower ones cost more in calls than they save."""
+MIN_CHUNK_ROWS = 128
+"""Fewer rows than this per row chunk, and the weight gradient's traffic (once per chunk) outweighs a second pass."""
 SOFTCAP_KEY = "final_logit_softcapping"
 """Config key of the tanh softcap on the final logits (Gemma 2/3): applied here."""
 UNSUPPORTED_LOGIT_KEYS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
@@ -87,55 +96,201 @@ def _softcapped(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     return logits if not softcap else torch.tanh(logits / softcap) * softcap
 
 
-class _FusedHeadCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of `hidden @ weight.T (+ bias)`, gradients computed chunk by chunk in forward.
+def _row_chunks(hidden, weight, bias, targets, softcap, rows, need):
+    """Chunks of `rows` rows over the whole vocabulary, in one pass: per chunk, the loss and every gradient.
 
     Each chunk's logits are turned into the softmax in place, so one (rows x
-    vocabulary) fp32 buffer is live per chunk (logsumexp and exp would each make
-    another). With a `sink` (a `TiedHeadGrad`), the weight's gradient is handed
-    to it in backward instead of to autograd.
+    vocabulary) fp32 buffer is live per chunk (logsumexp and exp would each
+    make another). The weight's gradient is read and written once per chunk.
+    """
+    need_h, need_w, need_b = need
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+    grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+    for start in range(0, hidden.shape[0], rows):
+        h, t = hidden[start : start + rows], targets[start : start + rows]
+        logits = F.linear(h, weight, bias).float()
+        tanh = None
+        if softcap:
+            tanh = logits.div_(softcap).tanh_()
+            logits = tanh * softcap
+        index = torch.arange(t.shape[0], device=t.device)
+        picked = logits[index, t]
+        top = logits.amax(dim=-1)
+        probs = logits.sub_(top[:, None]).exp_()  # in place: exp(logit - max)
+        norm = probs.sum(dim=-1)
+        total += (top + norm.log() - picked).sum()  # logsumexp - target logit
+        if not any(need):
+            del logits, probs, tanh
+            continue
+        grad = probs.div_(norm[:, None])  # the softmax, still in the same buffer
+        grad[index, t] -= 1.0
+        if softcap:
+            grad *= 1.0 - tanh * tanh
+        grad = grad.to(hidden.dtype)
+        if need_h:
+            grad_h[start : start + rows] = grad @ weight
+        if need_w and h.dtype == grad_w.dtype:
+            grad_w.addmm_(grad.t(), h)  # in place: no (vocab x hidden) temporary per chunk
+        elif need_w:
+            grad_w += (grad.t() @ h).float()
+        if need_b:
+            grad_b += grad.float().sum(0)
+        del logits, probs, grad, tanh  # before the next chunk's logits exist: one chunk live at a time
+    return total, grad_h, grad_w, grad_b, None
+
+
+def _block_logits(hidden, weight, bias, softcap, start, columns):
+    """fp32 logits of vocabulary entries [start, start + columns) for every row, softcapped; and the tanh, if any."""
+    z = F.linear(hidden, weight[start : start + columns], None if bias is None else bias[start : start + columns])
+    z = z.float()
+    tanh = None
+    if softcap:
+        tanh = z.div_(softcap).tanh_()
+        z = tanh * softcap
+    return z, tanh
+
+
+def _block_logit_grad(hidden, weight, bias, targets, softcap, stats, start, columns):
+    """d(summed cross-entropy)/d(logits before the softcap) for one vocabulary block: softmax, minus 1 at the target."""
+    lse, slope = stats
+    z, tanh = _block_logits(hidden, weight, bias, softcap, start, columns)
+    grad = z.sub_(lse[:, None]).exp_()  # in place: the softmax
+    if softcap:
+        grad.mul_(1.0 - tanh * tanh)
+    rows = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(1)
+    grad[rows, targets[rows] - start] -= slope[rows]  # one target per row: no index repeats
+    return grad
+
+
+def _vocab_blocks(hidden, weight, bias, targets, softcap, columns, need):
+    """Blocks of `columns` vocabulary entries over every row: a (rows x columns) buffer, whatever the vocabulary.
+
+    A first pass gives each row's log-sum-exp (a running max and sum). With
+    the hidden rows' gradient alone (a frozen head: LoRA, QLoRA; or a tied
+    head whose weight gradient is deferred), that same pass also sums it,
+    rescaled as the max moves, so one pass is all. With the weight's or the
+    bias's gradient, a second pass recomputes each block's logits and writes
+    its rows of the gradient once. Returns the loss, the three gradients, and
+    `(lse, slope)`: what `DeferredWeightGrad` needs to make the weight's later.
+    """
+    need_h, need_w, need_b = need
+    rows, device, vocab = hidden.shape[0], hidden.device, weight.shape[0]
+    one_pass = need_h and not (need_w or need_b)
+    same = hidden.dtype == torch.float32
+
+    def add_times_weight(acc, grad, start):  # acc += (rows x block) @ (block x hidden), inputs in the model's dtype
+        block = weight[start : start + columns]
+        return acc.addmm_(grad, block) if same else acc.add_((grad.to(hidden.dtype) @ block).float())
+
+    top = torch.full((rows,), float("-inf"), device=device)
+    norm = torch.zeros(rows, device=device)
+    acc = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if one_pass else None
+    for start in range(0, vocab, columns):
+        z, tanh = _block_logits(hidden, weight, bias, softcap, start, columns)
+        new_top = torch.maximum(top, z.amax(dim=-1))
+        rescale = (top - new_top).exp_()
+        e = z.sub_(new_top[:, None]).exp_()  # in place: exp(logit - running max)
+        norm.mul_(rescale).add_(e.sum(dim=-1))
+        if one_pass:
+            if softcap:
+                e.mul_(1.0 - tanh * tanh)
+            add_times_weight(acc.mul_(rescale[:, None]), e, start)
+        top = new_top
+        del z, tanh, e
+    lse = top + norm.log()
+    # The target's logit, and the derivative of the softcap there (1 without one).
+    target_z = (hidden.float() * weight[targets].float()).sum(dim=-1)
+    if bias is not None:
+        target_z = target_z + bias[targets].float()
+    slope = torch.ones_like(target_z)
+    if softcap:
+        target_tanh = torch.tanh(target_z / softcap)
+        target_z, slope = target_tanh * softcap, 1.0 - target_tanh * target_tanh
+    total, stats = (lse - target_z).sum(), (lse, slope)
+    if one_pass:
+        grad_h = acc.div_(norm[:, None]).sub_(slope[:, None] * weight[targets].float())
+        return total, grad_h.to(hidden.dtype), None, None, stats
+    if not any(need):
+        return total, None, None, None, stats
+    grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=device) if need_h else None
+    grad_w = torch.empty_like(weight, dtype=torch.float32) if need_w else None
+    grad_b = torch.empty_like(bias, dtype=torch.float32) if need_b else None
+    for start in range(0, vocab, columns):
+        grad = _block_logit_grad(hidden, weight, bias, targets, softcap, stats, start, columns)
+        if need_h:
+            add_times_weight(grad_h, grad, start)
+        if need_w and same:
+            torch.mm(grad.t(), hidden, out=grad_w[start : start + columns])
+        elif need_w:
+            grad_w[start : start + columns] = grad.to(hidden.dtype).t() @ hidden
+        if need_b:
+            grad_b[start : start + columns] = grad.sum(dim=0)
+        del grad
+    return total, None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b, stats
+
+
+@dataclass
+class DeferredWeightGrad:
+    """The head weight's gradient from one loss, made later: `add_to` adds `scale` x it to a dense buffer.
+
+    It recomputes each vocabulary block's logits from the saved hidden rows and
+    log-sum-exps (the cost of `_vocab_blocks`' second pass, moved), so the
+    (vocabulary x hidden) gradient need not exist while the decoder's backward runs.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    targets: torch.Tensor
+    softcap: Optional[float]
+    stats: tuple
+    columns: int
+    scale: torch.Tensor
+
+    @torch.no_grad()  # outside autograd's backward: its weight slices must not build a graph
+    def add_to(self, out: torch.Tensor) -> None:
+        fp32 = out.dtype == self.hidden.dtype == torch.float32
+        for start in range(0, self.weight.shape[0], self.columns):
+            grad = _block_logit_grad(
+                self.hidden, self.weight, self.bias, self.targets, self.softcap, self.stats, start, self.columns
+            )
+            grad.mul_(self.scale.to(grad.dtype))
+            block = out[start : start + self.columns]
+            if fp32:
+                block.addmm_(grad.t(), self.hidden)
+            else:
+                block.add_((grad.to(self.hidden.dtype).t() @ self.hidden).to(out.dtype))
+            del grad
+
+
+class _FusedHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T (+ bias)`, its gradients computed in forward.
+
+    `plan` is `(_row_chunks, rows)` or `(_vocab_blocks, columns)` (see `fused_plan`).
+    With a `sink` (a `TiedHeadGrad`), the weight's gradient is not made here:
+    backward hands the sink a `DeferredWeightGrad` (vocabulary blocks only).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, want_grads, sink=None):
-        need_h, need_w = want_grads and ctx.needs_input_grad[0], want_grads and ctx.needs_input_grad[1]
-        need_b = want_grads and bias is not None and ctx.needs_input_grad[2]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
-        for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start : start + chunk], targets[start : start + chunk]
-            logits = F.linear(h, weight, bias).float()
-            tanh = None
-            if softcap:
-                tanh = logits.div_(softcap).tanh_()
-                logits = tanh * softcap
-            rows = torch.arange(t.shape[0], device=t.device)
-            picked = logits[rows, t]
-            top = logits.amax(dim=-1)
-            probs = logits.sub_(top[:, None]).exp_()  # in place: exp(logit - max)
-            norm = probs.sum(dim=-1)
-            total += (top + norm.log() - picked).sum()  # logsumexp - target logit
-            if not (need_h or need_w or need_b):
-                del logits, probs, tanh
-                continue
-            grad = probs.div_(norm[:, None])  # the softmax, still in the same buffer
-            grad[rows, t] -= 1.0
-            if softcap:
-                grad *= 1.0 - tanh * tanh
-            grad = grad.to(hidden.dtype)
-            if need_h:
-                grad_h[start : start + chunk] = grad @ weight
-            if need_w and h.dtype == grad_w.dtype:
-                grad_w.addmm_(grad.t(), h)  # in place: no (vocab x hidden) temporary per chunk
-            elif need_w:
-                grad_w += (grad.t() @ h).float()
-            if need_b:
-                grad_b += grad.float().sum(0)
-            del logits, probs, grad, tanh  # before the next chunk's logits exist: one chunk live at a time
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
-        ctx.have = (need_h, need_w, need_b)
+    def forward(ctx, hidden, weight, bias, targets, softcap, plan, want_grads, sink=None):
+        need = [
+            want_grads and ctx.needs_input_grad[0],
+            want_grads and ctx.needs_input_grad[1],
+            want_grads and bias is not None and ctx.needs_input_grad[2],
+        ]
+        method, size = plan
+        ctx.deferred = None
+        if sink is not None and need[1]:
+            if method is not _vocab_blocks:
+                raise ValueError("a deferred weight gradient needs the vocabulary-block plan")
+            need[1] = False
+        total, *grads, stats = method(hidden, weight, bias, targets, softcap, size, tuple(need))
+        if sink is not None and want_grads and ctx.needs_input_grad[1]:
+            ctx.deferred = DeferredWeightGrad(hidden.detach(), weight, bias, targets, softcap, stats, size, None)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.have = tuple(g is not None for g in grads)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.sink = sink
         return total
@@ -151,10 +306,29 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_h = grads[0].mul_(grad_out.to(grads[0].dtype)) if grads[0] is not None else None
         grad_w = grads[1].mul_(grad_out).to(ctx.dtypes[0]) if grads[1] is not None else None
         grad_b = grads[2].mul_(grad_out).to(ctx.dtypes[1]) if grads[2] is not None else None
-        if ctx.sink is not None and grad_w is not None:
-            ctx.sink.add(grad_w)
-            grad_w = None
+        if ctx.deferred is not None:
+            ctx.deferred.scale = grad_out.detach()
+            ctx.sink.add(ctx.deferred)
+            ctx.deferred = None
         return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def fused_plan(rows: int, vocab: int, device: torch.device, weight_grad: bool):
+    """How the fused head walks the (rows x vocabulary) logits: `(_row_chunks, rows)` or `(_vocab_blocks, columns)`.
+
+    Row chunks take one pass, but re-read and re-write the (vocabulary x hidden)
+    weight gradient for every chunk. Vocabulary blocks keep a buffer of a few
+    MB whatever the vocabulary, but need a second pass over the logits when the
+    weight's gradient is wanted. So: vocabulary blocks without a weight
+    gradient (a frozen head, evaluation), or when a row chunk would hold fewer
+    than `MIN_CHUNK_ROWS` rows and there is more than one (a 256k vocabulary:
+    64 rows); row chunks otherwise.
+    """
+    chunk_rows = max(1, LOGITS_CHUNK_ELEMENTS // max(vocab, 1))
+    if weight_grad and (chunk_rows >= MIN_CHUNK_ROWS or rows <= chunk_rows):
+        return _row_chunks, chunk_rows
+    budget = CPU_BLOCK_ELEMENTS if device.type == "cpu" else LOGITS_CHUNK_ELEMENTS
+    return _vocab_blocks, max(MIN_BLOCK_COLUMNS, budget // max(rows, 1))
 
 
 def _chunk_loss(head: nn.Module, softcap: Optional[float], hidden: torch.Tensor, targets: torch.Tensor):
@@ -167,7 +341,6 @@ def head_cross_entropy_sum(
     targets: torch.Tensor,
     head: nn.Module,
     softcap: Optional[float] = None,
-    chunk_elements: Optional[int] = None,
     sink: Optional[TiedHeadGrad] = None,
 ):
     """Summed cross-entropy of the head applied to `hidden` rows (N, H) against `targets` (N,).
@@ -175,11 +348,15 @@ def head_cross_entropy_sum(
     `sink`: where the head weight's gradient goes instead of autograd (plain linear heads only).
     """
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
-    chunk = max(1, (chunk_elements or LOGITS_CHUNK_ELEMENTS) // max(vocab, 1))
     if _plain_linear(head):
-        return _FusedHeadCrossEntropy.apply(
-            hidden, head.weight, head.bias, targets, softcap, chunk, torch.is_grad_enabled(), sink
+        weight_grad = torch.is_grad_enabled() and (  # made here, not deferred to a sink
+            (head.weight.requires_grad and sink is None) or (head.bias is not None and head.bias.requires_grad)
         )
+        plan = fused_plan(hidden.shape[0], vocab, hidden.device, weight_grad)
+        return _FusedHeadCrossEntropy.apply(
+            hidden, head.weight, head.bias, targets, softcap, plan, torch.is_grad_enabled(), sink
+        )
+    chunk = max(1, LOGITS_CHUNK_ELEMENTS // max(vocab, 1))
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
@@ -234,10 +411,12 @@ class TiedHeadGrad:
     head's (vocab x hidden, computed by the lean loss) waits there while the
     embedding lookup's, dense and as large, is made and added. For a 256k
     vocabulary that second buffer is the peak of the step. Here the embedding
-    gives a sparse gradient (its rows only), the lean loss hands the head's
-    gradient to `add` in backward instead of to autograd, and `flush` (right
-    after backward) adds the two into that one buffer: `weight.grad` ends up
-    exactly as autograd's sum.
+    gives a sparse gradient (its rows only); the lean loss hands this a
+    `DeferredWeightGrad` in backward instead of giving autograd the head's
+    gradient; and `flush` (right after backward, when the decoder's backward
+    has freed its activations) makes the head's gradient block by block into
+    the one buffer and adds the embedding's: `weight.grad` ends up as
+    autograd's sum.
 
     One process only: DDP all-reduces gradients as autograd finishes them, so
     a gradient added after backward would never be reduced (`usable` says so).
@@ -246,7 +425,7 @@ class TiedHeadGrad:
     def __init__(self, weight: nn.Parameter, embedding: nn.Embedding):
         self.weight = weight
         self.embedding = embedding
-        self.pending: Optional[torch.Tensor] = None
+        self.pending: list[DeferredWeightGrad] = []
 
     @staticmethod
     def usable(parts: Optional[HeadParts], model: nn.Module, processes: int) -> Optional[nn.Embedding]:
@@ -259,21 +438,23 @@ class TiedHeadGrad:
             return None  # untied: each weight has its own gradient anyway
         return embedding if embedding.weight.requires_grad else None
 
-    def add(self, grad: torch.Tensor) -> None:
-        self.pending = grad if self.pending is None else self.pending.add_(grad)
+    def add(self, deferred: DeferredWeightGrad) -> None:
+        self.pending.append(deferred)
 
     def flush(self) -> None:
-        """Add the head's gradient to what autograd left in `weight.grad` (the embedding's, sparse)."""
-        if self.pending is None:
+        """Add the head's gradient to what autograd left in `weight.grad` (the embedding's, sparse, or a sum)."""
+        if not self.pending:
             return
-        pending, self.pending = self.pending, None
-        grad = self.weight.grad
-        if grad is None:
-            self.weight.grad = pending
-        elif grad.is_sparse:
-            self.weight.grad = pending.add_(grad)  # dense += sparse, in the head's buffer
-        else:
-            grad.add_(pending)
+        pending, self.pending = self.pending, []
+        grad = self.weight.grad.detach() if self.weight.grad is not None else None
+        sparse = grad if grad is not None and grad.is_sparse else None
+        if grad is None or sparse is not None:
+            grad = torch.zeros_like(self.weight)
+        for deferred in pending:
+            deferred.add_to(grad)
+        if sparse is not None:
+            grad.add_(sparse)  # dense += sparse, in place
+        self.weight.grad = grad
 
     def open(self) -> None:
         """The embedding lookup gives sparse gradients (from here until `close`; the trainer opens it in `train()`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, TrainingArguments
 
@@ -81,8 +82,11 @@ def test_lean_matches_standard_padding_free_with_num_items():
     assert_same(standard(model, batch, num_items), lean_loss(model, batch, num_items))
 
 
-def test_chunks_and_tied_head(monkeypatch):
+@pytest.mark.parametrize("min_chunk_rows", [1, lean.MIN_CHUNK_ROWS])  # row chunks; vocabulary blocks
+def test_chunks_and_tied_head(monkeypatch, min_chunk_rows):
     monkeypatch.setattr(lean, "LOGITS_CHUNK_ELEMENTS", 3 * 512)  # a few rows per chunk
+    monkeypatch.setattr(lean, "MIN_CHUNK_ROWS", min_chunk_rows)
+    monkeypatch.setattr(lean, "CPU_BLOCK_ELEMENTS", 1)  # blocks of MIN_BLOCK_COLUMNS: several over the vocabulary
     tok = tiny_tokenizer()
     model = model_of("gemma", tok)  # Gemma ties the head to the embeddings
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -178,7 +182,7 @@ def trained_weights(tmp_path, batch_size, accumulation, lean_on, kind="llama"):
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     if trainer.tied_grad is not None:  # a second train() (as a resume would) pairs them again
         trainer.train()
-        assert trainer.tied_grad.pending is None and not model.get_input_embeddings().sparse
+        assert not trainer.tied_grad.pending and not model.get_input_embeddings().sparse
         assert not torch.equal(model.get_input_embeddings().weight, weights["model.embed_tokens.weight"])
     return loss, weights
 
@@ -231,9 +235,9 @@ def test_tied_head_gradient_is_one_buffer_and_equals_autograds_sum():
     for first, half in ((True, slice(0, 2)), (False, slice(2, 4))):  # two micro-batches, as under accumulation
         part = {k: v[half] for k, v in batch.items()}
         lean_causal_lm_loss(model, parts, part, count, sink=sink).backward()
-        assert sink.pending is not None and embedding.weight.grad.is_sparse == first  # the embedding's rows only
+        assert len(sink.pending) == 1 and embedding.weight.grad.is_sparse == first  # the embedding's rows only
         sink.flush()
-        assert sink.pending is None and not embedding.weight.grad.is_sparse
+        assert not sink.pending and not embedding.weight.grad.is_sparse
     assert_same(reference, (reference[0], grads(model)))
     sink.close()
     assert not embedding.sparse
@@ -250,3 +254,91 @@ def test_tied_head_gradient_only_where_it_is_exact():
     assert lean.TiedHeadGrad.usable(find_head_parts(llama), llama, processes=1) is None  # untied
     adapted = lora(model_of("gemma", tok), ["q_proj"])
     assert lean.TiedHeadGrad.usable(find_head_parts(adapted), adapted, processes=1) is None  # frozen embedding
+
+
+def _reference_head_loss(hidden, weight, bias, targets, softcap):
+    """Autograd through full logits: the summed cross-entropy and its gradients (fp32 logits, as the model's loss)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    logits = F.linear(leaves[0], leaves[1], b).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    loss.backward()
+    return loss, leaves[0].grad, leaves[1].grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("method,size", [("rows", 1), ("rows", 5), ("rows", 37), ("vocab", 7), ("vocab", 1000)])
+def test_fused_head_row_chunks_and_vocab_blocks_equal_autograd(dtype, softcap, with_bias, frozen, method, size):
+    """Both ways of walking the logits give autograd's loss and gradients (a frozen head: the hidden rows' only)."""
+    g = torch.Generator().manual_seed(3)
+    vocab, width, rows = 1000, 24, 37  # blocks of 7 leave a ragged last one; 1000 is the whole vocabulary
+    hidden = torch.randn(rows, width, generator=g).to(dtype)
+    weight = (torch.randn(vocab, width, generator=g) * 0.5).to(dtype)
+    bias = torch.randn(vocab, generator=g).to(dtype) if with_bias else None
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    targets[:3] = targets[3]  # a target repeated across rows: index_add_ must sum, not overwrite
+    loss, *expected = _reference_head_loss(hidden, weight, bias, targets, softcap)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_(not frozen)
+    b = None if bias is None else bias.clone().requires_grad_(not frozen)
+    plan = (lean._row_chunks if method == "rows" else lean._vocab_blocks, size)
+    ours = lean._FusedHeadCrossEntropy.apply(h, w, b, targets, softcap, plan, True)
+    ours.backward()
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, loss.detach(), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=0)
+    torch.testing.assert_close(h.grad, expected[0], **tol)
+    if frozen:
+        assert w.grad is None and (b is None or b.grad is None)
+        return
+    torch.testing.assert_close(w.grad, expected[1], **tol)
+    if with_bias:
+        torch.testing.assert_close(b.grad, expected[2], **tol)
+
+
+def test_fused_plan_picks_vocab_blocks_for_a_large_vocabulary_or_a_frozen_head():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    rows_per_chunk = lean.LOGITS_CHUNK_ELEMENTS // 49152
+    assert lean.fused_plan(4000, 49152, cpu, weight_grad=True) == (lean._row_chunks, rows_per_chunk)
+    # 256k: a row chunk holds 65 rows, so the weight gradient would be re-written for every 65 rows.
+    method, columns = lean.fused_plan(600, 256000, cpu, weight_grad=True)
+    assert method is lean._vocab_blocks and columns * 600 <= lean.CPU_BLOCK_ELEMENTS
+    assert lean.fused_plan(40, 256000, cpu, weight_grad=True)[0] is lean._row_chunks  # one chunk: one pass
+    assert lean.fused_plan(4000, 49152, cpu, weight_grad=False)[0] is lean._vocab_blocks  # one pass either way
+    assert lean.fused_plan(600, 256000, gpu, weight_grad=True)[1] == lean.LOGITS_CHUNK_ELEMENTS // 600
+    assert lean.fused_plan(10**6, 49152, cpu, weight_grad=False)[1] == lean.MIN_BLOCK_COLUMNS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_deferred_weight_gradient_equals_autograd_after_flush(dtype, softcap, with_bias):
+    """With a sink, backward leaves the weight's gradient to flush(); scaled by the loss's factor, added to what is there."""
+    g = torch.Generator().manual_seed(4)
+    vocab, width, rows = 1000, 24, 37
+    hidden = torch.randn(rows, width, generator=g).to(dtype)
+    weight = (torch.randn(vocab, width, generator=g) * 0.5).to(dtype)
+    bias = torch.randn(vocab, generator=g).to(dtype) if with_bias else None
+    targets = torch.randint(0, vocab, (rows,), generator=g)
+    loss, *expected = _reference_head_loss(hidden, weight, bias, targets, softcap)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    already = torch.randn(vocab, width, generator=g).to(dtype)  # e.g. an earlier micro-batch's
+    w.grad = already.clone()
+    sink = lean.TiedHeadGrad(w, embedding=None)
+    ours = lean._FusedHeadCrossEntropy.apply(h, w, b, targets, softcap, (lean._vocab_blocks, 7), True, sink)
+    (ours * 0.25).backward()
+    assert len(sink.pending) == 1 and torch.equal(w.grad, already)  # nothing added yet
+    sink.flush()
+    assert w.grad.grad_fn is None and not w.grad.requires_grad  # no graph kept alive (its blocks' memory with it)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(h.grad, expected[0] * 0.25, **tol)
+    torch.testing.assert_close(w.grad, already + expected[1] * 0.25, **tol)
+    if with_bias:  # the bias has its own gradient, through autograd
+        torch.testing.assert_close(b.grad, expected[2] * 0.25, **tol)
+    with pytest.raises(ValueError, match="vocabulary-block"):
+        lean._FusedHeadCrossEntropy.apply(h, w, b, targets, softcap, (lean._row_chunks, 5), True, sink)
