@@ -247,7 +247,8 @@ class DeferredWeightGrad:
     softcap: Optional[float]
     stats: tuple
     columns: int
-    scale: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    """The loss's gradient (1 / the label count, ...), known in backward."""
 
     @torch.no_grad()  # outside autograd's backward: its weight slices must not build a graph
     def add_to(self, out: torch.Tensor) -> None:
@@ -269,8 +270,9 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T (+ bias)`, its gradients computed in forward.
 
     `plan` is `(_row_chunks, rows)` or `(_vocab_blocks, columns)` (see `fused_plan`).
-    With a `sink` (a `TiedHeadGrad`), the weight's gradient is not made here:
-    backward hands the sink a `DeferredWeightGrad` (vocabulary blocks only).
+    With a `sink` (a `TiedHeadGrad`), backward hands the weight's gradient to
+    it instead of to autograd: made, under row chunks; under vocabulary blocks,
+    as a `DeferredWeightGrad`, so it is not made until the sink's `flush`.
     """
 
     @staticmethod
@@ -281,14 +283,13 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
             want_grads and bias is not None and ctx.needs_input_grad[2],
         ]
         method, size = plan
-        ctx.deferred = None
-        if sink is not None and need[1]:
-            if method is not _vocab_blocks:
-                raise ValueError("a deferred weight gradient needs the vocabulary-block plan")
-            need[1] = False
+        # Vocabulary blocks make the weight's gradient in a second pass anyway: with a sink, that pass is deferred.
+        defer = sink is not None and need[1] and method is _vocab_blocks
+        need[1] = need[1] and not defer
         total, *grads, stats = method(hidden, weight, bias, targets, softcap, size, tuple(need))
-        if sink is not None and want_grads and ctx.needs_input_grad[1]:
-            ctx.deferred = DeferredWeightGrad(hidden.detach(), weight, bias, targets, softcap, stats, size, None)
+        ctx.deferred = (
+            DeferredWeightGrad(hidden.detach(), weight, bias, targets, softcap, stats, size) if defer else None
+        )
         ctx.save_for_backward(*(g for g in grads if g is not None))
         ctx.have = tuple(g is not None for g in grads)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -306,6 +307,9 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         grad_h = grads[0].mul_(grad_out.to(grads[0].dtype)) if grads[0] is not None else None
         grad_w = grads[1].mul_(grad_out).to(ctx.dtypes[0]) if grads[1] is not None else None
         grad_b = grads[2].mul_(grad_out).to(ctx.dtypes[1]) if grads[2] is not None else None
+        if ctx.sink is not None and grad_w is not None:
+            ctx.sink.add(grad_w)
+            grad_w = None
         if ctx.deferred is not None:
             ctx.deferred.scale = grad_out.detach()
             ctx.sink.add(ctx.deferred)
@@ -349,8 +353,8 @@ def head_cross_entropy_sum(
     """
     vocab = getattr(head, "out_features", None) or head.weight.shape[0]
     if _plain_linear(head):
-        weight_grad = torch.is_grad_enabled() and (  # made here, not deferred to a sink
-            (head.weight.requires_grad and sink is None) or (head.bias is not None and head.bias.requires_grad)
+        weight_grad = torch.is_grad_enabled() and (
+            head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
         )
         plan = fused_plan(hidden.shape[0], vocab, hidden.device, weight_grad)
         return _FusedHeadCrossEntropy.apply(
@@ -411,12 +415,12 @@ class TiedHeadGrad:
     head's (vocab x hidden, computed by the lean loss) waits there while the
     embedding lookup's, dense and as large, is made and added. For a 256k
     vocabulary that second buffer is the peak of the step. Here the embedding
-    gives a sparse gradient (its rows only); the lean loss hands this a
-    `DeferredWeightGrad` in backward instead of giving autograd the head's
-    gradient; and `flush` (right after backward, when the decoder's backward
-    has freed its activations) makes the head's gradient block by block into
-    the one buffer and adds the embedding's: `weight.grad` ends up as
-    autograd's sum.
+    gives a sparse gradient (its rows only); the lean loss hands the head's
+    gradient to `add` in backward instead of to autograd; and `flush` (right
+    after backward) adds the two into one buffer: `weight.grad` ends up as
+    autograd's sum. Where the head works in vocabulary blocks, what it hands
+    over is a `DeferredWeightGrad`, made by `flush` block by block once the
+    decoder's backward has freed its activations.
 
     One process only: DDP all-reduces gradients as autograd finishes them, so
     a gradient added after backward would never be reduced (`usable` says so).
@@ -425,7 +429,7 @@ class TiedHeadGrad:
     def __init__(self, weight: nn.Parameter, embedding: nn.Embedding):
         self.weight = weight
         self.embedding = embedding
-        self.pending: list[DeferredWeightGrad] = []
+        self.pending: list = []
 
     @staticmethod
     def usable(parts: Optional[HeadParts], model: nn.Module, processes: int) -> Optional[nn.Embedding]:
@@ -438,8 +442,9 @@ class TiedHeadGrad:
             return None  # untied: each weight has its own gradient anyway
         return embedding if embedding.weight.requires_grad else None
 
-    def add(self, deferred: DeferredWeightGrad) -> None:
-        self.pending.append(deferred)
+    def add(self, grad) -> None:
+        """The head's gradient: a tensor (row chunks) or a `DeferredWeightGrad` (vocabulary blocks)."""
+        self.pending.append(grad)
 
     def flush(self) -> None:
         """Add the head's gradient to what autograd left in `weight.grad` (the embedding's, sparse, or a sum)."""
@@ -449,9 +454,11 @@ class TiedHeadGrad:
         grad = self.weight.grad.detach() if self.weight.grad is not None else None
         sparse = grad if grad is not None and grad.is_sparse else None
         if grad is None or sparse is not None:
-            grad = torch.zeros_like(self.weight)
-        for deferred in pending:
-            deferred.add_to(grad)
+            # A made gradient becomes the buffer; else one is made for the deferred ones.
+            made = next((i for i, g in enumerate(pending) if torch.is_tensor(g)), None)
+            grad = pending.pop(made) if made is not None else torch.zeros_like(self.weight)
+        for item in pending:
+            grad.add_(item) if torch.is_tensor(item) else item.add_to(grad)
         if sparse is not None:
             grad.add_(sparse)  # dense += sparse, in place
         self.weight.grad = grad

@@ -218,8 +218,12 @@ def test_second_backward_through_the_fused_head_is_refused():
         loss.backward()
 
 
-def test_tied_head_gradient_is_one_buffer_and_equals_autograds_sum():
+@pytest.mark.parametrize("deferred", [False, True])
+def test_tied_head_gradient_is_one_buffer_and_equals_autograds_sum(monkeypatch, deferred):
     """The head's gradient goes to TiedHeadGrad, the embedding's comes sparse; flush gives autograd's dense sum."""
+    if deferred:  # vocabulary blocks (as for a 256k vocabulary): the head's gradient is made in flush()
+        monkeypatch.setattr(lean, "LOGITS_CHUNK_ELEMENTS", 3 * 512)
+        monkeypatch.setattr(lean, "CPU_BLOCK_ELEMENTS", 1)
     tok = tiny_tokenizer()
     model = model_of("gemma", tok)
     batch = PaddingCollator(tok.pad_token_id)(examples(len(tok)))
@@ -236,6 +240,7 @@ def test_tied_head_gradient_is_one_buffer_and_equals_autograds_sum():
         part = {k: v[half] for k, v in batch.items()}
         lean_causal_lm_loss(model, parts, part, count, sink=sink).backward()
         assert len(sink.pending) == 1 and embedding.weight.grad.is_sparse == first  # the embedding's rows only
+        assert isinstance(sink.pending[0], lean.DeferredWeightGrad) == deferred
         sink.flush()
         assert not sink.pending and not embedding.weight.grad.is_sparse
     assert_same(reference, (reference[0], grads(model)))
@@ -316,8 +321,9 @@ def test_fused_plan_picks_vocab_blocks_for_a_large_vocabulary_or_a_frozen_head()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_deferred_weight_gradient_equals_autograd_after_flush(dtype, softcap, with_bias):
-    """With a sink, backward leaves the weight's gradient to flush(); scaled by the loss's factor, added to what is there."""
+@pytest.mark.parametrize("plan", ["rows", "vocab"])
+def test_sink_weight_gradient_equals_autograd_after_flush(dtype, softcap, with_bias, plan):
+    """With a sink, the weight's gradient waits for flush() (under vocabulary blocks, not even made till then)."""
     g = torch.Generator().manual_seed(4)
     vocab, width, rows = 1000, 24, 37
     hidden = torch.randn(rows, width, generator=g).to(dtype)
@@ -330,9 +336,11 @@ def test_deferred_weight_gradient_equals_autograd_after_flush(dtype, softcap, wi
     already = torch.randn(vocab, width, generator=g).to(dtype)  # e.g. an earlier micro-batch's
     w.grad = already.clone()
     sink = lean.TiedHeadGrad(w, embedding=None)
-    ours = lean._FusedHeadCrossEntropy.apply(h, w, b, targets, softcap, (lean._vocab_blocks, 7), True, sink)
+    method = lean._row_chunks if plan == "rows" else lean._vocab_blocks
+    ours = lean._FusedHeadCrossEntropy.apply(h, w, b, targets, softcap, (method, 7), True, sink)
     (ours * 0.25).backward()
     assert len(sink.pending) == 1 and torch.equal(w.grad, already)  # nothing added yet
+    assert isinstance(sink.pending[0], lean.DeferredWeightGrad) == (plan == "vocab")
     sink.flush()
     assert w.grad.grad_fn is None and not w.grad.requires_grad  # no graph kept alive (its blocks' memory with it)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
@@ -340,5 +348,3 @@ def test_deferred_weight_gradient_equals_autograd_after_flush(dtype, softcap, wi
     torch.testing.assert_close(w.grad, already + expected[1] * 0.25, **tol)
     if with_bias:  # the bias has its own gradient, through autograd
         torch.testing.assert_close(b.grad, expected[2] * 0.25, **tol)
-    with pytest.raises(ValueError, match="vocabulary-block"):
-        lean._FusedHeadCrossEntropy.apply(h, w, b, targets, softcap, (lean._row_chunks, 5), True, sink)
