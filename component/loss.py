@@ -28,6 +28,8 @@ after the head (softcapping is applied here; other scalings fall back).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -159,8 +161,11 @@ def _block_logit_grad(hidden, weight, bias, targets, softcap, stats, start, colu
     grad = z.sub_(lse[:, None]).exp_()  # in place: the softmax
     if softcap:
         grad.mul_(1.0 - tanh * tanh)
-    rows = ((targets >= start) & (targets < start + grad.shape[1])).nonzero().squeeze(1)
-    grad[rows, targets[rows] - start] -= slope[rows]  # one target per row: no index repeats
+    # Minus the softcap's slope at each row's target, where it falls in this block (elsewhere minus 0):
+    # a scatter, so no device sync to find those rows.
+    local = targets - start
+    inside = (local >= 0) & (local < grad.shape[1])
+    grad.scatter_add_(1, local.clamp(0, grad.shape[1] - 1)[:, None], (slope * inside).neg_()[:, None])
     return grad
 
 
@@ -408,6 +413,25 @@ def lean_causal_lm_loss(
     return total / num_items_in_batch
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> bool:
+    """Give the C allocator's free heap back to the OS (glibc's `malloc_trim`); False where there is none.
+
+    glibc keeps freed blocks under its mmap threshold (up to 32 MB) in its heap.
+    Right after the decoder's backward those are its activations: a buffer made
+    then comes on top of them unless they are handed back first.
+    """
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) is not None)
+
+
 class TiedHeadGrad:
     """One (vocab x hidden) gradient buffer, not two, for an output head tied to the input embedding.
 
@@ -456,7 +480,12 @@ class TiedHeadGrad:
         if grad is None or sparse is not None:
             # A made gradient becomes the buffer; else one is made for the deferred ones.
             made = next((i for i, g in enumerate(pending) if torch.is_tensor(g)), None)
-            grad = pending.pop(made) if made is not None else torch.zeros_like(self.weight)
+            if made is not None:
+                grad = pending.pop(made)
+            else:
+                if self.weight.device.type == "cpu":
+                    release_free_heap()  # 256k vocabulary: 50 MB lower peak RSS (bench/RESULTS.md)
+                grad = torch.zeros_like(self.weight)
         for item in pending:
             grad.add_(item) if torch.is_tensor(item) else item.add_to(grad)
         if sparse is not None:

@@ -348,3 +348,23 @@ def test_sink_weight_gradient_equals_autograd_after_flush(dtype, softcap, with_b
     torch.testing.assert_close(w.grad, already + expected[1] * 0.25, **tol)
     if with_bias:  # the bias has its own gradient, through autograd
         torch.testing.assert_close(b.grad, expected[2] * 0.25, **tol)
+
+
+def test_a_deferred_gradient_buffer_is_made_after_handing_free_heap_back(monkeypatch):
+    """Only where flush() makes the vocabulary-sized buffer itself (deferred, on the CPU) is the heap trimmed first."""
+    calls = []
+    monkeypatch.setattr(lean, "release_free_heap", lambda: calls.append(1) or True)
+    g = torch.Generator().manual_seed(5)
+    hidden, targets = torch.randn(6, 8, generator=g), torch.randint(0, 50, (6,), generator=g)
+    for method, trimmed in ((lean._row_chunks, 0), (lean._vocab_blocks, 1)):
+        w = torch.randn(50, 8, generator=g).requires_grad_()
+        sink = lean.TiedHeadGrad(w, embedding=None)
+        lean._FusedHeadCrossEntropy.apply(hidden, w, None, targets, None, (method, 7), True, sink).backward()
+        sink.flush()
+        assert len(calls) == trimmed and w.grad is not None
+
+
+def test_release_free_heap_trims_where_glibc_is():
+    import platform
+
+    assert lean.release_free_heap() is (platform.libc_ver()[0] == "glibc")
