@@ -25,3 +25,16 @@ def test_both_sides_use_trls_default_optimizer_and_checkpointing(tmp_path):
     args = bench.common_args(bench.MODELS["tiny_llama"], str(tmp_path))
     assert args["optim"] == str(trl_default.optim.value) == bench.TRL_DEFAULT_OPTIM
     assert args["gradient_checkpointing"] is True
+
+
+def test_fused_head_bench_times_both_walks_and_names_the_plan(capsys):
+    import json
+
+    spec = importlib.util.spec_from_file_location("fused_head", ROOT / "bench" / "fused_head.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--shapes", "600x8x40,600x8x40:frozen", "--repeats", "1", "--threads", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "| 600x8x40 |" in lines[2] and lines[2].endswith("| row chunks |")  # one chunk holds every row
+    assert lines[3].endswith("| vocabulary blocks |")  # a frozen head: one pass in blocks
+    assert set(json.loads(lines[-1])) == {"600x8x40", "600x8x40:frozen"}
