@@ -331,7 +331,7 @@ def fused_plan(rows: int, vocab: int, device: torch.device, weight_grad: bool):
     weight's gradient is wanted. So: vocabulary blocks without a weight
     gradient (a frozen head, evaluation), or when a row chunk would hold fewer
     than `MIN_CHUNK_ROWS` rows and there is more than one (a 256k vocabulary:
-    64 rows); row chunks otherwise.
+    65 rows); row chunks otherwise.
     """
     chunk_rows = max(1, LOGITS_CHUNK_ELEMENTS // max(vocab, 1))
     if weight_grad and (chunk_rows >= MIN_CHUNK_ROWS or rows <= chunk_rows):
