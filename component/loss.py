@@ -98,6 +98,14 @@ def _softcapped(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
     return logits if not softcap else torch.tanh(logits / softcap) * softcap
 
 
+def _softcap_in_place(logits: torch.Tensor, softcap: Optional[float]):
+    """fp32 logits softcapped (their buffer becomes the tanh), and the tanh for the softcap's slope; None without one."""
+    if not softcap:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh
+
+
 def _row_chunks(hidden, weight, bias, targets, softcap, rows, need):
     """Chunks of `rows` rows over the whole vocabulary, in one pass: per chunk, the loss and every gradient.
 
@@ -112,11 +120,7 @@ def _row_chunks(hidden, weight, bias, targets, softcap, rows, need):
     grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
     for start in range(0, hidden.shape[0], rows):
         h, t = hidden[start : start + rows], targets[start : start + rows]
-        logits = F.linear(h, weight, bias).float()
-        tanh = None
-        if softcap:
-            tanh = logits.div_(softcap).tanh_()
-            logits = tanh * softcap
+        logits, tanh = _softcap_in_place(F.linear(h, weight, bias).float(), softcap)
         index = torch.arange(t.shape[0], device=t.device)
         picked = logits[index, t]
         top = logits.amax(dim=-1)
@@ -146,12 +150,7 @@ def _row_chunks(hidden, weight, bias, targets, softcap, rows, need):
 def _block_logits(hidden, weight, bias, softcap, start, columns):
     """fp32 logits of vocabulary entries [start, start + columns) for every row, softcapped; and the tanh, if any."""
     z = F.linear(hidden, weight[start : start + columns], None if bias is None else bias[start : start + columns])
-    z = z.float()
-    tanh = None
-    if softcap:
-        tanh = z.div_(softcap).tanh_()
-        z = tanh * softcap
-    return z, tanh
+    return _softcap_in_place(z.float(), softcap)
 
 
 def _block_logit_grad(hidden, weight, bias, targets, softcap, stats, start, columns):
