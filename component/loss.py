@@ -205,7 +205,8 @@ def _vocab_blocks(hidden, weight, bias, targets, softcap, columns, need):
         del z, tanh, e
     lse = top + norm.log()
     # The target's logit, and the derivative of the softcap there (1 without one).
-    target_z = (hidden.float() * weight[targets].float()).sum(dim=-1)
+    target_rows = weight[targets].float()  # (rows x hidden): each row's target embedding, gathered once
+    target_z = (hidden.float() * target_rows).sum(dim=-1)
     if bias is not None:
         target_z = target_z + bias[targets].float()
     slope = torch.ones_like(target_z)
@@ -214,7 +215,7 @@ def _vocab_blocks(hidden, weight, bias, targets, softcap, columns, need):
         target_z, slope = target_tanh * softcap, 1.0 - target_tanh * target_tanh
     total, stats = (lse - target_z).sum(), (lse, slope)
     if one_pass:
-        grad_h = acc.div_(norm[:, None]).sub_(slope[:, None] * weight[targets].float())
+        grad_h = acc.div_(norm[:, None]).sub_(slope[:, None] * target_rows)
         return total, grad_h.to(hidden.dtype), None, None, stats
     if not any(need):
         return total, None, None, None, stats
