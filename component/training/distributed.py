@@ -20,9 +20,11 @@ up its devices (it does so while being constructed):
   peft model. Full fine-tuning keeps transformers' default.
 - A plain `python train.py` with `deepspeed` set runs as a one-rank launch
   (`emulate_launch_for_deepspeed`, called by the runner).
+All of this runs in the runner (component/training/setup.py), never while a
+config is loaded: loading a config starts no process group.
 
 `deepspeed_problems(values)` checks a DeepSpeed JSON config against the train
-config; component.config runs it with its built-in checks.
+config; the task registry hands it to the config's checks.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+from component.config import DEFAULT_OPTIM
 
 CPU_BACKEND = "gloo"
 GPU_BACKEND = "nccl"
@@ -194,9 +198,7 @@ def deepspeed_problems(values: dict[str, Any]) -> list[str]:
         )
     opt = ds.get("optimizer")
     if isinstance(opt, dict):
-        from component.config import TRAINING_DEFAULTS  # config imports this module's checks lazily too
-
-        optim = values.get("optim", TRAINING_DEFAULTS["optim"])
+        optim = values.get("optim", DEFAULT_OPTIM)
         if str(opt.get("type", "")).lower() not in ("adam", "adamw") or optim not in ADAM_OPTIMS:
             problems.append(
                 f"{where}: its optimizer {opt.get('type')!r} would replace optim {optim!r}; remove the "

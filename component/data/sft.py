@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 
 from datasets import Dataset
 
-from component.jsonl import Problem, ReadResult, raise_problems, read_jsonl
-from component.template import IGNORE_INDEX, Encoded, Template, conversation_messages, encode_messages
+from component.data.jsonl import Problem, ReadResult, raise_problems, read_jsonl
+from component.data.template import IGNORE_INDEX, Encoded, Template, conversation_messages, encode_messages
 
 INVALID_EXAMPLES_FILE = "invalid_examples.txt"
 SKIP_HINT = "Fix these lines, or set skip_invalid_examples: true to train without them."

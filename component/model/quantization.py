@@ -21,7 +21,7 @@ import torch
 from loguru import logger
 from transformers import BitsAndBytesConfig, PreTrainedModel
 
-from component.model_types import model_type_info
+from component.model.model_types import model_type_info
 
 QUANT_TYPE = "nf4"
 DOUBLE_QUANT = True

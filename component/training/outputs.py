@@ -24,7 +24,7 @@ def finished_run(output_dir: str) -> bool:
 
 def check_output_dir(config: Config) -> None:
     """Refuse to write over a finished run; call before creating anything."""
-    out = config.training.output_dir
+    out = config.output_dir
     if finished_run(out) and not config.method.overwrite_output_dir:
         raise ConfigError(
             f"{config.source}: key 'output_dir': {out!r} already holds a finished run. "

@@ -24,10 +24,10 @@ from loguru import logger
 from transformers import PreTrainedModel
 
 from component.config import RESOLVED_CONFIG_NAME, ModelArguments
+from component.data.template import Message, TemplateError, render
 from component.errors import UserError
-from component.inference import DTYPES, adapter_base_model, is_adapter_dir, load_base, load_tokenizer_from
-from component.outputs import META_FILE, read_meta
-from component.template import Message, TemplateError, render
+from component.inference.generation import DTYPES, adapter_base_model, is_adapter_dir, load_base, load_tokenizer_from
+from component.training.outputs import META_FILE, read_meta
 
 MERGE_BASES = ("dequantized", "original")
 # Relative logit error against the trained 4-bit + adapter model (script/merge_lora.py):
@@ -103,7 +103,7 @@ def clear_stale_weights(output_dir: str) -> None:
 
 
 def _cpu_base(base_model: str) -> PreTrainedModel:
-    from component.model import load_base_model
+    from component.model.loading import load_base_model
 
     try:
         return load_base_model(ModelArguments(model_name_or_path=base_model), torch.float32)
@@ -119,7 +119,7 @@ def _with_adapter(model: PreTrainedModel, adapter_dir: str):
 
 def trained_quantized_model(info: AdapterInfo):
     """The model as trained: 4-bit base (same dtype and preparation as training) + adapter."""
-    from component.quantization import prepare_for_training
+    from component.model.quantization import prepare_for_training
 
     model = load_base(info.base_model, DTYPES[info.train_dtype], load_in_4bit=True)
     model = prepare_for_training(model, gradient_checkpointing=False)  # fp32 norms, as in training
@@ -153,7 +153,7 @@ def merged_model(info: AdapterInfo, merge_base: str, dequantized: Optional[dict]
 
 def probe_ids(tokenizer, template_name: Optional[str]) -> torch.Tensor:
     """A fixed probe: a rendered conversation (when the template is known) and plain text."""
-    from component.template import resolve_template
+    from component.data.tokenizer_template import resolve_template
 
     text = PROBE_TEXT
     if template_name:
@@ -193,7 +193,7 @@ def merge_lora(info: AdapterInfo, probe: torch.Tensor) -> MergeResult:
 
 def merge_qlora(info: AdapterInfo, probe: torch.Tensor, merge_base: str, measure_all: bool = True) -> MergeResult:
     """QLoRA: merge into `merge_base`, measuring each candidate against the trained 4-bit model."""
-    from component.quantization import dequantized_weights
+    from component.model.quantization import dequantized_weights
 
     quantized = trained_quantized_model(info)
     dequantized = dequantized_weights(quantized)  # before any forward pass touches the 4-bit layers

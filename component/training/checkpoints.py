@@ -30,19 +30,15 @@ from loguru import logger
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
+from component.config import RESOLVED_CONFIG_NAME
 from component.errors import ConfigError
+from component.model.weights import pickle_problem
 
 CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 COMPLETE_MARKER = "checkpoint_complete.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 SAFETENSORS_SUFFIX = ".safetensors"
-# Weight files in Python's pickle format: loading one can run arbitrary code.
-PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-# The Trainer's own state files. They are pickles too, but transformers loads
-# them with torch's weights_only unpickler, which only rebuilds tensors and
-# plain containers and cannot run code; they are not weights.
-TRAINER_STATE_PICKLES = re.compile(r"^(optimizer|scheduler|scaler|rng_state(_\d+)?)\.(pt|pth)$|^training_args\.bin$")
 SAFETENSORS_HEADER_BYTES = 8
 RESUME_FLAG = "--resume_from_checkpoint"
 # Settings that may change between a run and its resumption without changing what it computes.
@@ -158,41 +154,13 @@ def newest_complete(output_dir: str | Path) -> NewestCheckpoint:
     return NewestCheckpoint(None, skipped)
 
 
-def pickle_weight_files(folder: str | Path) -> list[str]:
-    """Weight files in pickle format at the top of `folder`, where from_pretrained and
-    the Trainer look (not the Trainer's own weights_only state files)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(
-        f.name
-        for f in folder.iterdir()
-        if f.is_file() and f.suffix in PICKLE_WEIGHT_SUFFIXES and not TRAINER_STATE_PICKLES.match(f.name)
-    )
-
-
-def pickle_problem(folder: str | Path, what: str, allowed: bool) -> Optional[str]:
-    """A refusal naming the pickled weight files of `folder` when it has no safetensors weights."""
-    if allowed:
-        return None
-    folder = Path(folder)
-    pickles = pickle_weight_files(folder)
-    if not pickles or any(folder.glob(f"*{SAFETENSORS_SUFFIX}")):
-        return None
-    return (
-        f"{what} {str(folder)!r} holds weights only as pickle files ({', '.join(pickles[:3])}), and loading a "
-        "pickle can run arbitrary code. Convert them to safetensors, or set allow_pickle_weights: true "
-        "if you trust where they came from."
-    )
-
-
 def _warn_skipped(skipped: list[tuple[Path, list[str]]]) -> None:
     for folder, problems in skipped:
         logger.warning(f"skipping incomplete checkpoint {folder}: {'; '.join(problems)}")
 
 
 def _fresh_start_problem(config, checkpoints: list[Path]) -> str:
-    out = config.training.output_dir
+    out = config.output_dir
     newest = newest_complete(out).path
     newest_text = f"the newest complete one is {newest.name}" if newest else "none of them is complete"
     return (
@@ -205,14 +173,14 @@ def _fresh_start_problem(config, checkpoints: list[Path]) -> str:
 
 def _explicit_checkpoint(config, value: str) -> Path:
     path = Path(value)
-    inside = Path(config.training.output_dir) / value
+    inside = Path(config.output_dir) / value
     if not path.is_dir() and inside.is_dir():
         path = inside  # `checkpoint-40` names a folder of output_dir
     if not path.is_dir():
         raise ConfigError(f"{config.source}: key 'resume_from_checkpoint': checkpoint folder {value!r} not found")
     problems = checkpoint_problems(path)
     if problems:
-        newest = newest_complete(config.training.output_dir).path
+        newest = newest_complete(config.output_dir).path
         hint = f" The newest complete checkpoint is {newest}." if newest else ""
         raise ConfigError(
             f"{config.source}: key 'resume_from_checkpoint': {str(path)!r} is not a complete checkpoint: "
@@ -221,16 +189,14 @@ def _explicit_checkpoint(config, value: str) -> Path:
     return path
 
 
-def changed_settings(config) -> list[str]:
+def changed_settings(config, training_args) -> list[str]:
     """Settings that differ from the run being resumed (its saved config), as `key: old -> new`."""
-    from component.config import RESOLVED_CONFIG_NAME  # config imports this module's users
-
-    saved_path = Path(config.training.output_dir) / RESOLVED_CONFIG_NAME
+    saved_path = Path(config.output_dir) / RESOLVED_CONFIG_NAME
     try:
         saved = json.loads(saved_path.read_text())
     except (OSError, ValueError):
         return []
-    now = json.loads(json.dumps(config.to_dict(), default=str))
+    now = json.loads(json.dumps(config.to_dict(training_args), default=str))
     return [
         f"{key}: {saved[key]!r} -> {now[key]!r}"
         for key in sorted(set(saved) & set(now))
@@ -238,10 +204,10 @@ def changed_settings(config) -> list[str]:
     ]
 
 
-def resolve_resume(config) -> Optional[str]:
+def resolve_resume(config, training_args) -> Optional[str]:
     """The checkpoint to resume from, or None for a fresh run; raises ConfigError with the way out."""
     value = config.method.resume_from_checkpoint
-    out = config.training.output_dir
+    out = config.output_dir
     checkpoints = list_checkpoints(out)
     if value is None or value is False:
         if checkpoints and not config.method.overwrite_output_dir:
@@ -264,7 +230,7 @@ def resolve_resume(config) -> Optional[str]:
     problem = pickle_problem(path, "checkpoint", config.model.allow_pickle_weights)
     if problem:
         raise ConfigError(f"{config.source}: key 'resume_from_checkpoint': {problem}")
-    changes = changed_settings(config)
+    changes = changed_settings(config, training_args)
     if changes:
         logger.warning(
             "resuming with settings that differ from the interrupted run, so it will not reproduce it: "

@@ -36,8 +36,9 @@ from loguru import logger
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState, ProgressCallback
 
-from component.config import is_main_process
-from component.template import IGNORE_INDEX
+from component.data.template import IGNORE_INDEX
+from component.ranks import is_main_process
+from component.training.safety import SIGNAL_EXIT_BASE, TrainingInterrupted
 
 REPORT_FILE = "report.json"
 PLOT_FILE = "loss.png"
@@ -118,14 +119,6 @@ class TokenCounter:
         self.examples += examples
         self.real_tokens += real
         self.supervised_tokens += supervised
-
-
-def observe_batch(callbacks: list, inputs: dict) -> None:
-    """Show a training micro-batch to the run report; called by the trainer for each one."""
-    for callback in callbacks:
-        if isinstance(callback, RunReportCallback):
-            callback.tokens.add(inputs)
-            callback.find_progress_bar(callbacks)
 
 
 # ---------------------------------------------------------------- the report
@@ -232,6 +225,11 @@ class RunReportCallback(TrainerCallback, ExportableState):
         self.trainer_state = None
         self._bar = None
         self._bar_searched = False
+
+    def observe_batch(self, inputs: dict, callbacks: list) -> None:
+        """Count a training micro-batch; called by the trainer (RunHooks) for each one."""
+        self.tokens.add(inputs)
+        self.find_progress_bar(callbacks)
 
     # -- progress bar
 
@@ -353,13 +351,7 @@ class RunReportCallback(TrainerCallback, ExportableState):
         return out / REPORT_FILE
 
 
-def report_callback(trainer) -> Optional[RunReportCallback]:
-    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, RunReportCallback)), None)
-
-
 def describe_exit(exc: BaseException) -> str:
-    from component.safety import SIGNAL_EXIT_BASE, TrainingInterrupted
-
     if isinstance(exc, KeyboardInterrupt):
         return STATUS_INTERRUPTED
     if isinstance(exc, TrainingInterrupted):  # stopped by a signal after saving a checkpoint
@@ -374,15 +366,13 @@ def describe_exit(exc: BaseException) -> str:
 
 
 @contextmanager
-def report_on_exit(trainer) -> Iterator[None]:
+def report_on_exit(report: RunReportCallback) -> Iterator[None]:
     """Around `trainer.train()`: if training raises (an error, Ctrl-C, a signal turned
     into an exception), write the report with that status before the exception goes on."""
     try:
         yield
     except BaseException as exc:
-        callback = report_callback(trainer)
-        if callback is not None:
-            written = callback.write(describe_exit(exc))
-            if written:
-                logger.info(f"run report written to {written}")
+        written = report.write(describe_exit(exc))
+        if written:
+            logger.info(f"run report written to {written}")
         raise

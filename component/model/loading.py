@@ -15,10 +15,10 @@ import torch
 from loguru import logger
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from component.config import VALIDATORS, Config, ModelArguments
+from component.config import Config, ModelArguments
 from component.errors import ConfigError, format_problems
-from component.model_types import ALL_LINEAR, lora_target_problems, model_type_info
-from component.padding_free import attention_for, padding_free_enabled
+from component.model.attention import SEGMENT_SDPA, attention_for, padding_free_enabled, register_attention
+from component.model.model_types import ALL_LINEAR, lora_target_problems, model_type_info
 
 GGUF_SUFFIX = ".gguf"
 
@@ -54,9 +54,9 @@ def load_tokenizer(args: ModelArguments):
 
 
 def torch_dtype(config: Config) -> torch.dtype:
-    if config.training.bf16:
+    if config.training.get("bf16"):
         return torch.bfloat16
-    if config.training.fp16:
+    if config.training.get("fp16"):
         return torch.float16
     return torch.float32
 
@@ -115,14 +115,13 @@ def _cached_model_type(values: dict) -> Optional[str]:
     return config.model_type
 
 
-def _check_lora_target_values(values: dict) -> list[str]:
+def check_lora_target_values(values: dict) -> list[str]:
+    """Config check: LoRA targets that would not train on the model's type, where its config is on disk."""
     if values.get("train_mode", "lora") == "full" or not values.get("lora_target_modules"):
         return []
     model_type = _cached_model_type(values)
     return lora_target_problems(model_type, values["lora_target_modules"]) if model_type else []
 
-
-VALIDATORS.append(_check_lora_target_values)
 
 
 def apply_lora(model: PreTrainedModel, config: Config):
@@ -137,7 +136,7 @@ def apply_lora(model: PreTrainedModel, config: Config):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if config.training.gradient_checkpointing:
+    if config.training.get("gradient_checkpointing", False):
         # Checkpointed blocks need an input that requires grad, or the frozen
         # base cuts the graph and the adapters get no gradient.
         model.enable_input_require_grads()
@@ -163,12 +162,14 @@ def attention_kwargs(config: Config) -> dict:
     """attn_implementation chosen per model type (data), when padding-free batches are on."""
     info = model_type_info(read_model_type(config.model))
     attention = attention_for(info, padding_free_enabled(config.data.padding_free, info))
+    if attention == SEGMENT_SDPA:
+        register_attention()
     return {"attn_implementation": attention} if attention else {}
 
 
 def load_qlora_base(config: Config, **extra) -> PreTrainedModel:
     """The base model in 4-bit NF4 on this rank's device, prepared for k-bit training."""
-    from component import quantization
+    from component.model import quantization
 
     dtype = torch_dtype(config)
     kwargs = quantization.quantized_load_kwargs(read_model_type(config.model), dtype)
@@ -178,7 +179,7 @@ def load_qlora_base(config: Config, **extra) -> PreTrainedModel:
         f"loaded {quantization.count_quantized(model)} linear layers in 4-bit "
         f"{quantization.QUANT_TYPE}, compute dtype {dtype}"
     )
-    return quantization.prepare_for_training(model, config.training.gradient_checkpointing)
+    return quantization.prepare_for_training(model, config.training.get("gradient_checkpointing", False))
 
 
 def warn_precision(model_type: str, dtype: torch.dtype) -> None:
@@ -192,9 +193,6 @@ def warn_precision(model_type: str, dtype: torch.dtype) -> None:
 
 
 def load_model(config: Config) -> PreTrainedModel:
-    from component.quantization import apply_optimizer_fallback
-
-    apply_optimizer_fallback(config.training)
     if config.method.train_mode == "qlora":
         model = load_qlora_base(config, **attention_kwargs(config))
     else:

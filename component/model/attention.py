@@ -1,18 +1,11 @@
-"""Padding-free SFT batches and an attention that works sequence by sequence.
+"""An attention that works sequence by sequence, for padding-free batches (component/data/collator.py).
 
-A padding-free batch concatenates its examples into one row: no padding token
-is computed. `position_ids` restart at 0 for every example, and the first label
-of every example is IGNORE_INDEX so that no example learns to predict the next
-one's first token (exactly the targets a padded batch has). `cu_seq_lens_*` /
-`max_length_*` carry the boundaries in the form flash-attention's varlen path
-takes; transformers forwards them to the attention function.
-
-Attention over such a row must keep the examples apart without a dense
+Attention over a padding-free row must keep the examples apart without a dense
 (rows x rows) block-diagonal mask, which makes sdpa on the CPU several times
 slower than attending to each example alone. So:
 - with flash-attention on a GPU: `flash_attention_2` (its varlen kernel);
-- elsewhere: `segment_sdpa`, registered here through transformers'
-  AttentionInterface. On a CUDA device in half precision it calls PyTorch's
+- elsewhere: `segment_sdpa`, registered through transformers'
+  AttentionInterface by `register_attention()` (model loading calls it). On a CUDA device in half precision it calls PyTorch's
   own variable-length FlashAttention (`torch.nn.attention.varlen`): one kernel
   per layer on the `cu_seq_lens` the collator gave, with no host sync. On the
   CPU (and in fp32) it runs plain causal sdpa on each example's slice. Padded
@@ -25,7 +18,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,46 +26,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from component.model_types import ModelTypeInfo, model_type_info
-from component.template import IGNORE_INDEX
+from component.model.model_types import ModelTypeInfo, model_type_info
 
 SEGMENT_SDPA = "segment_sdpa"
 FLASH_ATTENTION = "flash_attention_2"
 VARLEN_DTYPES = (torch.float16, torch.bfloat16)
 """The dtypes PyTorch's variable-length FlashAttention computes in."""
-
-
-# ---------------------------------------------------------------- collation
-
-
-@dataclass
-class PaddingFreeCollator:
-    """Concatenates a batch of {input_ids, labels} into one row without padding.
-
-    The batch keeps `per_device_train_batch_size` examples, so gradient
-    accumulation and `num_items_in_batch` mean the same as with padding.
-    """
-
-    def __call__(self, features: list[dict]) -> dict:
-        ids, labels, positions, lengths = [], [], [], []
-        for f in features:
-            n = len(f["input_ids"])
-            ids.extend(f["input_ids"])
-            example_labels = list(f["labels"])
-            example_labels[0] = IGNORE_INDEX  # never a target: it would be predicted from the previous example
-            labels.extend(example_labels)
-            positions.extend(range(n))
-            lengths.append(n)
-        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([positions], dtype=torch.long),
-            "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu,
-            "max_length_q": max(lengths),
-            "max_length_k": max(lengths),
-        }
 
 
 # ---------------------------------------------------------------- attention
@@ -218,8 +176,6 @@ def register_attention() -> None:
     AttentionInterface.register(SEGMENT_SDPA, segment_sdpa_attention_forward)
     AttentionMaskInterface.register(SEGMENT_SDPA, segment_sdpa_mask)
 
-
-register_attention()
 
 
 # ---------------------------------------------------------------- choices

@@ -8,14 +8,13 @@
 - `NonFiniteGuard`: a non-finite loss or gradient stops the run with the step, the
   learning rate and the likely causes, before the optimizer applies it, so the last
   checkpoint on disk stays good. `max_nonfinite_steps` such steps may be skipped first.
-- Config checks (registered in config.VALIDATORS): numbers must be finite, secrets
-  stay out of config files, seeds fit numpy's range, and base-model weights in pickle
-  format are refused unless `allow_pickle_weights` is set.
+
+Both are held by the trainer's `RunHooks` (component/training/trainer.py), which
+hands the guard every micro-batch's loss, for SFT, pretrain and DPO alike.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import threading
@@ -28,13 +27,10 @@ from loguru import logger
 from transformers import TrainerCallback
 
 from component.errors import UserError
-from component.resume import CheckpointMarker, newest_complete, pickle_problem, resume_command
+from component.training.checkpoints import newest_complete, resume_command
 
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 SIGNAL_EXIT_BASE = 128  # a process ended by signal N exits with 128 + N
-# Keys that would carry a secret into a saved config or training_args.bin.
-SECRET_CONFIG_KEYS = ("hub_token", "push_to_hub_token")
-MAX_SEED = 2**32 - 1  # numpy's seed range
 NONFINITE_CAUSES = (
     "fp16 overflow: use bf16: true where the hardware has it, or fp32",
     "a learning rate too high for this model (try 10x lower, or more warmup_steps)",
@@ -116,28 +112,22 @@ class InterruptCallback(TrainerCallback):
         return self.signum is not None and state.global_step < state.max_steps
 
 
-def find_callback(trainer, cls: type) -> Optional[Any]:
-    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, cls)), None)
-
-
 @contextmanager
-def handlers_restored(trainer) -> Iterator[None]:
+def handlers_restored(callback: InterruptCallback) -> Iterator[None]:
     """Around `trainer.train()`: the previous signal handlers come back however training ends."""
     try:
         yield
     finally:
-        callback = find_callback(trainer, InterruptCallback)
-        if callback is not None:
-            callback.restore()
+        callback.restore()
 
 
 def raise_if_interrupted(trainer, config) -> None:
     """After `trainer.train()`: log how to resume and raise when a signal stopped the run."""
-    callback = find_callback(trainer, InterruptCallback)
-    if callback is None or not callback.interrupted(trainer.state):
+    callback = trainer.interrupt
+    if not callback.interrupted(trainer.state):
         return
     name = signal.Signals(callback.signum).name
-    checkpoint = os.path.join(config.training.output_dir, f"checkpoint-{callback.stopped_at}")
+    checkpoint = os.path.join(config.output_dir, f"checkpoint-{callback.stopped_at}")
     message = (
         f"stopped by {name} at step {callback.stopped_at} of {trainer.state.max_steps}; "
         f"checkpoint saved to {checkpoint}. Resume with:\n  {resume_command(config)}"
@@ -151,8 +141,8 @@ def raise_if_interrupted(trainer, config) -> None:
 class NonFiniteGuard(TrainerCallback):
     """Stops (or skips, up to `max_skipped` times) an optimizer step whose loss or gradients are not finite.
 
-    The loss of each micro-batch is handed in by `observe_loss` (FinetuneTrainer's
-    training_step); gradients are checked just before the optimizer step, after clipping.
+    The loss of each micro-batch is handed in by `observe_loss` (RunHooks.training_step);
+    gradients are checked just before the optimizer step, after clipping.
     """
 
     def __init__(self, max_skipped: int = 0):
@@ -217,83 +207,3 @@ def nonfinite_message(output_dir: str, step: int, lr: float, what: str) -> str:
         f"training stopped at step {step} (learning rate {lr:.3g}): {what}. Likely causes:\n{causes}\n{kept}\n"
         "To skip a few such steps instead of stopping, set max_nonfinite_steps."
     )
-
-
-def observe_loss(callbacks: list, loss: torch.Tensor) -> None:
-    for callback in callbacks:
-        if isinstance(callback, NonFiniteGuard):
-            callback.observe_loss(loss)
-
-
-def add_safety_callbacks(trainer, max_nonfinite_steps: int = 0) -> None:
-    """Signals, the non-finite guard and checkpoint marking, for any Trainer (ours or trl's).
-
-    Order matters: the interrupt callback asks for a save at step end, and the marker
-    then clears the completion mark of the folder about to be written.
-    """
-    marker = CheckpointMarker()
-    marker.take_rotation(trainer.args)
-    for callback in (InterruptCallback(), NonFiniteGuard(max_nonfinite_steps), marker):
-        trainer.add_callback(callback)
-
-
-# ---------------------------------------------------------------- config checks
-
-
-def _walk_numbers(value: Any):
-    if isinstance(value, float):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _walk_numbers(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _walk_numbers(v)
-
-
-def check_finite_numbers(values: dict[str, Any]) -> list[str]:
-    return [
-        f"key '{key}': must be a finite number, got {value!r}"
-        for key, value in values.items()
-        if any(not math.isfinite(x) for x in _walk_numbers(value))
-    ]
-
-
-def check_no_secrets(values: dict[str, Any]) -> list[str]:
-    return [
-        f"key '{key}': tokens do not belong in a config (it is saved with the outputs); "
-        "set HF_TOKEN in the environment instead"
-        for key in SECRET_CONFIG_KEYS
-        if values.get(key)
-    ]
-
-
-def check_seed(values: dict[str, Any]) -> list[str]:
-    problems = []
-    for key in ("seed", "data_seed"):
-        seed = values.get(key)
-        if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
-            problems.append(f"key '{key}': must be between 0 and {MAX_SEED}, got {seed}")
-    return problems
-
-
-def check_resume_keys(values: dict[str, Any]) -> list[str]:
-    problems = []
-    resume = values.get("resume_from_checkpoint")
-    if isinstance(resume, str) and not resume.strip():
-        problems.append("key 'resume_from_checkpoint': empty; use true, a checkpoint folder, or leave it out")
-    if values.get("max_nonfinite_steps", 0) < 0:
-        problems.append(f"key 'max_nonfinite_steps': must be 0 or more, got {values['max_nonfinite_steps']}")
-    return problems
-
-
-def check_model_pickles(values: dict[str, Any]) -> list[str]:
-    """A local model folder with only pickled weights is refused unless allowed."""
-    location = values.get("model_name_or_path")
-    if not isinstance(location, str) or location.endswith(".gguf"):
-        return []
-    problem = pickle_problem(location, "model_name_or_path", bool(values.get("allow_pickle_weights")))
-    return [f"key 'model_name_or_path': {problem}"] if problem else []
-
-
-CONFIG_CHECKS = (check_finite_numbers, check_no_secrets, check_seed, check_resume_keys, check_model_pickles)

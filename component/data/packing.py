@@ -1,4 +1,4 @@
-"""The pretrain task: raw text, packed into blocks, cached, isolated per document.
+"""Pretraining data: raw text, packed into blocks, cached; batches that keep documents apart.
 
 Data: a JSONL file, or every *.jsonl below a folder, one `{"text": ...}` per
 line (other keys are ignored); bad lines are reported as `file:line`.
@@ -9,9 +9,8 @@ The last block keeps its remainder (padded in the batch, never dropped).
 `position_ids` restart at 0 at every document start and every block start,
 and the label of every position-0 token is IGNORE_INDEX, so no token learns
 to predict across a boundary. How attention is kept inside a document is
-chosen per model (`PackingMode`), after a check on the loaded model: the
-model's own handling of restarting position_ids (attention_mask None, no
-cache), else a block-diagonal 4D mask, else one row per document.
+a `PackingMode` of the collator, chosen per model by the pretrain task
+(component/tasks/pretrain.py) after a check on the loaded model.
 
 Cache: the packed blocks are saved under `data_cache_dir` (default:
 `data_cache/` next to `output_dir`), keyed by the files' contents, the
@@ -34,27 +33,16 @@ from typing import Any, NamedTuple, Optional, Union
 import numpy as np
 import torch
 from datasets import Dataset, load_from_disk
-from loguru import logger
 
-from component.config import VALIDATORS, Config
-from component.jsonl import Problem, jsonl_files, raise_problems, read_jsonl
-from component.model_types import model_type_info
-from component.sft import TaskData, build_splits
-from component.sft_data import SKIP_HINT
-from component.template import IGNORE_INDEX
+from component.config import Config
+from component.data.jsonl import Problem, jsonl_files, raise_problems, read_jsonl
+from component.data.sft import SKIP_HINT
+from component.data.template import IGNORE_INDEX
 
 # Bump when the packed layout changes, so old cache entries are never read.
 CACHE_FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR_NAME = "data_cache"
 CACHE_META_FILE = "pretrain_meta.json"
-# The probe that checks document isolation on the loaded model: two short
-# random documents, compared packed and alone.
-PROBE_LENGTHS = (7, 5)
-PROBE_SEED = 1234
-# Largest |logit difference| accepted as "the same", relative to the largest |logit| (at least 1), by
-# dtype: kernels round differently for different lengths (SmolLM2 in fp32: ~1e-4 on logits of ~20),
-# while attending across a boundary moves logits by far more.
-ISOLATION_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 class PackingMode(str, enum.Enum):
@@ -117,7 +105,7 @@ def cache_key(path: str, tokenizer, max_len: int) -> str:
 def cache_root(config: Config) -> Path:
     if config.data.data_cache_dir:
         return Path(config.data.data_cache_dir)
-    return Path(config.training.output_dir).resolve().parent / DEFAULT_CACHE_DIR_NAME
+    return Path(config.output_dir).resolve().parent / DEFAULT_CACHE_DIR_NAME
 
 
 # ---------------------------------------------------------------- packing
@@ -317,113 +305,3 @@ class PackedCollator:
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         labels[:, 0] = IGNORE_INDEX
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-# ---------------------------------------------------------------- isolation check
-
-
-def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    # The embedding is never quantized: its dtype is the one activations run in.
-    weight = model.get_input_embeddings().weight
-    return weight.device, weight.dtype
-
-
-def documents_isolated(model, collator: PackedCollator) -> bool:
-    """Are the logits of a document inside a packed block those of the document alone?"""
-    device, dtype = _model_device_dtype(model)
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(PROBE_SEED)
-    docs = [torch.randint(0, vocab, (n,), generator=gen) for n in PROBE_LENGTHS]
-    block = {"input_ids": torch.cat(docs).tolist(), "position_ids": [p for d in docs for p in range(len(d))]}
-    packed = collator([block])
-    packed.pop("labels")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            rows = model(**{k: v.to(device) for k, v in packed.items()}, use_cache=False).logits
-            if collator.mode == PackingMode.UNPACKED:
-                got = rows[1, : PROBE_LENGTHS[1]]
-            else:
-                got = rows[0, PROBE_LENGTHS[0] :]
-            alone = model(input_ids=docs[1][None].to(device), use_cache=False).logits[0]
-    except Exception as exc:  # an attention that rejects this batch form cannot use it
-        logger.info(f"packing mode {collator.mode.value}: not usable with this model ({type(exc).__name__}: {exc})")
-        return False
-    finally:
-        model.train(was_training)
-    diff = (got.float() - alone.float()).abs().max().item()
-    tolerance = ISOLATION_RTOL.get(dtype, ISOLATION_RTOL[torch.bfloat16]) * max(1.0, alone.float().abs().max().item())
-    ok = diff <= tolerance
-    logger.info(
-        f"packing mode {collator.mode.value}: max |logit diff| packed vs alone = {diff:.3g}, tolerance "
-        f"{tolerance:.3g} ({'isolated' if ok else 'LEAKS across documents'})"
-    )
-    return ok
-
-
-def _mask_dtype(model) -> Optional[torch.dtype]:
-    # sdpa reads a boolean mask (True = attend); eager adds the mask to the scores.
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        return None
-    return _model_device_dtype(model)[1]
-
-
-def choose_collator(model, pad_token_id: int, verify: bool = True) -> PackedCollator:
-    """The first packing mode that keeps documents apart on this model, per its model type and a check."""
-    info = model_type_info(model.config.model_type)
-    candidates = []
-    if not info.recurrent:
-        if info.padding_free:
-            candidates.append(PackingMode.POSITION_IDS)
-        candidates.append(PackingMode.BLOCK_MASK)
-    for mode in candidates:
-        collator = PackedCollator(pad_token_id, mode, _mask_dtype(model) if mode == PackingMode.BLOCK_MASK else None)
-        if not verify or documents_isolated(model, collator):
-            logger.info(f"pretrain packing: {mode.value}")
-            return collator
-    logger.warning(
-        "pretrain packing: no packed form keeps documents apart on this model; each document gets its own padded row"
-    )
-    return PackedCollator(pad_token_id, PackingMode.UNPACKED)
-
-
-# ---------------------------------------------------------------- task entry points
-
-
-def build_data(config: Config, tokenizer) -> TaskData:
-    cache_dir = cache_root(config)
-    args = dict(
-        tokenizer=tokenizer,
-        max_len=config.data.max_seq_length,
-        cache_dir=cache_dir,
-        num_workers=config.data.tokenize_num_workers,
-        skip_invalid=config.data.skip_invalid_examples,
-    )
-    # Under DDP the main process builds the cache; the others wait, then read it.
-    with config.training.main_process_first(desc="pretrain data"):
-        train, eval_ds = build_splits(config, load_packed, **args)
-    collator = PackedCollator(tokenizer.pad_token_id)  # the mode is chosen once the model is loaded
-    return TaskData(train.dataset, eval_ds, collator, train.summary, train.problems)
-
-
-def build_trainer(config: Config, model, tokenizer, data: TaskData):
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from component.runner import build_trainer as build_default_trainer  # runner imports this module
-
-    # A cache makes the model build its own mask and ignore packed position_ids.
-    model.config.use_cache = False
-    # Under ZeRO-3 the weights are sharded before the Trainer exists: trust the model type's entry.
-    collator = choose_collator(model, data.collator.pad_token_id, verify=not is_deepspeed_zero3_enabled())
-    return build_default_trainer(config, model, tokenizer, data._replace(collator=collator))
-
-
-def check_pretrain_values(values: dict[str, Any]) -> list[str]:
-    cache = values.get("data_cache_dir")
-    if values.get("task_type") == "pretrain" and cache and Path(cache).is_file():
-        return [f"key 'data_cache_dir': {cache!r} is a file; give a folder"]
-    return []
-
-
-VALIDATORS.append(check_pretrain_values)

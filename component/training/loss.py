@@ -20,6 +20,7 @@ The loss is the summed cross-entropy divided by `num_items_in_batch` when the
 Trainer gives it (its token count over the accumulated batch and devices), else
 by this batch's label count: the same normalisation as transformers' loss.
 
+The trainer uses it through transformers' `compute_loss_func` hook (`LeanLoss`).
 The forward still goes through the (DDP-, peft-) wrapped model, so gradient
 checkpointing, DDP and peft behave as usual. What the lean path must know about
 a model is data: `ModelTypeInfo.lean_loss`, and config keys that change logits
@@ -28,8 +29,10 @@ after the head (softcapping is applied here; other scalings fall back).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from component.model_types import model_type_info
-from component.template import IGNORE_INDEX
+from component.data.template import IGNORE_INDEX
+from component.model.model_types import model_type_info
 
 LOGITS_CHUNK_ELEMENTS = 1 << 24
 """Logits computed at once (rows x vocabulary, or rows x a vocabulary block off the CPU): 64 MB in fp32."""
@@ -62,6 +65,8 @@ class HeadParts:
     decoder: nn.Module
     head: nn.Module
     softcap: Optional[float]
+    model: nn.Module
+    """The transformers model under any wrappers (its loss_function serves forwards that keep logits)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,7 +90,7 @@ def find_head_parts(model: nn.Module) -> Optional[HeadParts]:
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
     if head is None or decoder is None or decoder is lm:
         return None
-    return HeadParts(decoder, head, getattr(config, SOFTCAP_KEY, None))
+    return HeadParts(decoder, head, getattr(config, SOFTCAP_KEY, None), lm)
 
 
 def _plain_linear(head: nn.Module) -> bool:
@@ -383,20 +388,46 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return hidden[:, :-1][keep], targets[keep]
 
 
-def decoder_hidden_states(model: nn.Module, parts: HeadParts, inputs: dict) -> torch.Tensor:
-    """Run the (wrapped) model with its head computing nothing; return the decoder's last hidden state."""
-    captured = {}
+def _no_logits(inputs: dict) -> dict:
+    """The model's inputs with its head computing nothing and no cache."""
+    nothing = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    return {**inputs, "logits_to_keep": nothing, "use_cache": False}
+
+
+@contextlib.contextmanager
+def hidden_state_hook(parts: HeadParts) -> Iterator[dict]:
+    """While open, every forward of the decoder leaves its last hidden state in the yielded dict."""
+    captured: dict = {}
 
     def keep(_module, _args, output):
         captured["hidden"] = output[0]
 
     handle = parts.decoder.register_forward_hook(keep)
     try:
-        nothing = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-        model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=nothing, use_cache=False)
+        yield captured
     finally:
         handle.remove()
+
+
+def decoder_hidden_states(model: nn.Module, parts: HeadParts, inputs: dict) -> torch.Tensor:
+    """Run the (wrapped) model with its head computing nothing; return the decoder's last hidden state."""
+    with hidden_state_hook(parts) as captured:
+        model(**_no_logits({k: v for k, v in inputs.items() if k != "labels"}))
     return captured["hidden"]
+
+
+def _normalised(total: torch.Tensor, count: int, num_items_in_batch) -> torch.Tensor:
+    if num_items_in_batch is None:
+        return total / max(count, 1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def lean_loss_from_hidden(hidden, labels, parts: HeadParts, num_items_in_batch=None, sink=None) -> torch.Tensor:
+    rows, targets = labelled_rows(hidden, labels.to(hidden.device))
+    total = head_cross_entropy_sum(rows, targets, parts.head, parts.softcap, sink=sink)
+    return _normalised(total, targets.numel(), num_items_in_batch)
 
 
 def lean_causal_lm_loss(
@@ -404,13 +435,46 @@ def lean_causal_lm_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions, without full-sequence logits."""
     hidden = decoder_hidden_states(model, parts, inputs)
-    rows, targets = labelled_rows(hidden, inputs["labels"].to(hidden.device))
-    total = head_cross_entropy_sum(rows, targets, parts.head, parts.softcap, sink=sink)
-    if num_items_in_batch is None:
-        return total / max(targets.numel(), 1)
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return lean_loss_from_hidden(hidden, inputs["labels"], parts, num_items_in_batch, sink)
+
+
+class LeanLoss:
+    """The lean loss as transformers' `compute_loss_func` (Trainer's public loss hook).
+
+    The trainer runs the model's forward inside `capture(...)` with `model_inputs(...)`: no logits
+    and the decoder's hidden state kept. The hook is then called with the model's outputs and the
+    labels Trainer.compute_loss popped. A forward made outside `capture` (an evaluation that wants
+    the logits) gets the model's own loss function over its full logits.
+    """
+
+    def __init__(self, parts: HeadParts, sink: Optional[TiedHeadGrad] = None):
+        self.parts = parts
+        self.sink = sink
+        self._captured: Optional[dict] = None
+
+    def model_inputs(self, inputs: dict) -> dict:
+        return _no_logits(inputs)
+
+    @contextlib.contextmanager
+    def capture(self, inputs: dict) -> Iterator[None]:
+        with hidden_state_hook(self.parts) as captured:
+            self._captured = captured
+            try:
+                yield
+            finally:
+                self._captured = None
+
+    def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+        hidden = self._captured.pop("hidden", None) if self._captured is not None else None
+        if hidden is not None:
+            return lean_loss_from_hidden(hidden, labels, self.parts, num_items_in_batch, self.sink)
+        lm = self.parts.model
+        return lm.loss_function(
+            logits=outputs["logits"],
+            labels=labels,
+            vocab_size=lm.config.get_text_config().vocab_size,
+            num_items_in_batch=num_items_in_batch,
+        )
 
 
 @functools.lru_cache(maxsize=1)

@@ -27,9 +27,10 @@ from transformers import GenerationConfig, PreTrainedModel, StoppingCriteria, St
 from transformers.generation.streamers import BaseStreamer
 
 from component.config import ModelArguments
+from component.data.template import Message, Template, TemplateError, generation_prompt, stop_token_ids
+from component.data.tokenizer_template import AutoTemplate
 from component.errors import UserError
-from component.outputs import read_meta
-from component.template import AutoTemplate, Message, Template, TemplateError, generation_prompt, stop_token_ids
+from component.training.outputs import read_meta
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,7 +91,7 @@ def recorded_template_name(template_name: Optional[str], *dirs: Optional[str]) -
 
 def resolve_template(template_name: Optional[str], tokenizer, *dirs: Optional[str]) -> Template | AutoTemplate:
     """The template to chat with: given, or recorded at training time; checked against the tokenizer."""
-    from component.template import resolve_template as resolve_for_tokenizer
+    from component.data.tokenizer_template import resolve_template as resolve_for_tokenizer
 
     name = recorded_template_name(template_name, *dirs)
     try:
@@ -111,14 +112,14 @@ def inference_device() -> torch.device:
 
 def load_base(model_dir: str, dtype: torch.dtype, load_in_4bit: bool = False) -> PreTrainedModel:
     """A base model in `dtype` on the inference device, or in 4 bits with `dtype` as compute dtype."""
-    from component.model import load_base_model, read_model_type
+    from component.model.loading import load_base_model, read_model_type
 
     args = ModelArguments(model_name_or_path=model_dir)
     if not load_in_4bit:
         return _load_or_explain(model_dir, lambda: load_base_model(args, dtype)).to(inference_device())
     if importlib.util.find_spec("bitsandbytes") is None:
         raise InferenceError("loading in 4 bits needs bitsandbytes: pip install bitsandbytes")
-    from component.quantization import keep_training_matmul, quantized_load_kwargs
+    from component.model.quantization import keep_training_matmul, quantized_load_kwargs
 
     model_type = _load_or_explain(model_dir, lambda: read_model_type(args))
     model = _load_or_explain(
@@ -137,7 +138,7 @@ def _load_or_explain(location: str, load):
 
 def load_tokenizer_from(*dirs: Optional[str]):
     """The tokenizer saved with the run (adapter folder) if there is one, else the model's."""
-    from component.model import load_tokenizer
+    from component.model.loading import load_tokenizer
 
     for d in dirs:
         if d and ((Path(d) / TOKENIZER_CONFIG).is_file() or not Path(d).is_dir()):

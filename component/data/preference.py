@@ -1,4 +1,4 @@
-"""The DPO task: preference pairs, rendered like SFT, trained with trl's DPOTrainer.
+"""Preference data for DPO: pairs checked, rendered like SFT, tokenized and truncated.
 
 Data, JSONL, one pair per line, in either form:
 - `{"chosen": [messages], "rejected": [messages]}`: role/content lists with
@@ -16,28 +16,18 @@ end-of-turn token, the prompt everything before it (the generation prompt).
 down to `max_prompt_length`, then the replies from the right. A pair that
 cannot keep a difference between its replies is dropped and counted.
 
-Training: trl's DPOTrainer on the pre-tokenized pairs. The reference is a
-frozen copy in full mode, the base with the adapter disabled under LoRA and
-QLoRA. Every TrainingArguments value comes from our config, so trl's own
-defaults (bf16, gradient checkpointing, lr 1e-6) never apply silently.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
 from datasets import Dataset
-from transformers import TrainingArguments
 
-from component.config import VALIDATORS, Config
-from component.jsonl import Problem, raise_problems, read_jsonl
-from component.report import observe_batch
-from component.sft import TaskData, build_splits
-from component.sft_data import SKIP_HINT
-from component.template import (
+from component.data.jsonl import Problem, raise_problems, read_jsonl
+from component.data.sft import SKIP_HINT
+from component.data.template import (
     IGNORE_INDEX,
     Message,
     Rendered,
@@ -45,29 +35,9 @@ from component.template import (
     TemplateError,
     encode,
     render,
-    resolve_template,
 )
-from component.trainer import default_callbacks
 
 ROLES = ("system", "user", "assistant")
-# trl 1.16's DPO loss types (DPOTrainer._compute_loss).
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
 
 
 class Pair(NamedTuple):
@@ -266,130 +236,3 @@ def build_preference_dataset(
         invalid_lines=len(read.problems),
     )
     return PreferenceData(Dataset.from_dict(rows), summary, read.problems)
-
-
-def build_data(config: Config, tokenizer) -> TaskData:
-    template = resolve_template(config.data.template_name, tokenizer)  # as SFT: named, or the tokenizer's own
-    args = dict(
-        template=template,
-        tokenizer=tokenizer,
-        max_len=config.data.max_seq_length,
-        max_prompt_len=config.data.max_prompt_length,
-        skip_invalid=config.data.skip_invalid_examples,
-    )
-    train, eval_ds = build_splits(config, build_preference_dataset, **args)
-    return TaskData(train.dataset, eval_ds, None, train.summary, train.problems)
-
-
-# ---------------------------------------------------------------- training
-
-
-def dpo_args(config: Config):
-    """trl's DPOConfig holding every TrainingArguments value of ours, plus the DPO options."""
-    from trl import DPOConfig
-
-    training = config.training
-    values = {f.name: getattr(training, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-    method = config.method
-    return DPOConfig(
-        **values,
-        beta=method.dpo_beta,
-        loss_type=list(method.dpo_loss_type),
-        loss_weights=method.dpo_loss_weights,
-        label_smoothing=method.dpo_label_smoothing,
-        precompute_ref_log_probs=method.dpo_precompute_ref_log_probs,
-        max_length=config.data.max_seq_length,  # pairs already fit: trl's collator never cuts
-        dataset_num_proc=config.data.tokenize_num_workers,
-        trust_remote_code=config.model.trust_remote_code,
-    )
-
-
-def frozen_copy(config: Config, model):
-    """The full-mode reference: the starting model, frozen."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    from component.model import load_base_model, torch_dtype
-
-    if is_deepspeed_zero3_enabled():
-        # A ZeRO-3 model holds only this rank's shards: load the starting weights again instead.
-        ref = load_base_model(config.model, torch_dtype(config))
-    else:
-        ref = copy.deepcopy(model)
-    ref.eval()
-    ref.requires_grad_(False)
-    return ref
-
-
-def _trainer_class():
-    from accelerate.utils import is_peft_model
-    from trl import DPOTrainer
-
-    class PreferenceTrainer(DPOTrainer):
-        """trl's DPOTrainer on our pre-tokenized pairs, with the adapter-disabled reference under LoRA."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # Given a PeftModel, trl keeps a copy of the adapter as "ref". Ours is always freshly
-            # initialized (B = 0), so the base with the adapter disabled is the same reference,
-            # with no copy held; trl uses that when no "ref" adapter exists.
-            if is_peft_model(self.model) and "ref" in self.model.peft_config:
-                self.model.delete_adapter("ref")
-                self.model.set_adapter("default")
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            # Our pairs are rendered with the SFT template and truncated already; trl would
-            # re-tokenize them as plain text and append an EOS the template may not use.
-            if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
-                return dataset
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            observe_batch(self.callback_handler.callbacks, inputs)  # token counts for report.json
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def _send_telemetry(self):
-            """No usage ping: we never contact a remote service unasked."""
-
-    return PreferenceTrainer
-
-
-def build_trainer(config: Config, model, tokenizer, data: TaskData):
-    args = dpo_args(config)
-    ref_model = None
-    if config.method.train_mode == "full" and not args.precompute_ref_log_probs:
-        ref_model = frozen_copy(config, model)
-    return _trainer_class()(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=default_callbacks(),
-    )
-
-
-def check_dpo_values(values: dict[str, Any]) -> list[str]:
-    if values.get("task_type") != "dpo":
-        return []
-    problems = []
-    if values.get("dpo_beta", 0.1) <= 0:
-        problems.append(f"key 'dpo_beta': must be positive, got {values['dpo_beta']}")
-    smoothing = values.get("dpo_label_smoothing", 0.0)
-    if not 0.0 <= smoothing < 0.5:
-        problems.append(f"key 'dpo_label_smoothing': must be in [0, 0.5), got {smoothing}")
-    losses = values.get("dpo_loss_type", ["sigmoid"])
-    unknown = [x for x in losses if x not in DPO_LOSS_TYPES]
-    if unknown or not losses:
-        problems.append(
-            f"key 'dpo_loss_type': unknown {unknown or 'empty list'}; one or more of {', '.join(DPO_LOSS_TYPES)}"
-        )
-    weights = values.get("dpo_loss_weights")
-    if weights is not None and len(weights) != len(losses):
-        problems.append(f"key 'dpo_loss_weights': {len(weights)} weights for {len(losses)} loss types")
-    if "exo_pair" in losses and smoothing == 0.0:
-        problems.append("key 'dpo_label_smoothing': the exo_pair loss needs it above 0 (e.g. 1e-3)")
-    return problems
-
-
-VALIDATORS.append(check_dpo_values)

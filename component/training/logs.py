@@ -14,7 +14,7 @@ from typing import Optional
 from loguru import logger
 from transformers import TrainerCallback
 
-from component.config import is_main_process
+from component.ranks import is_main_process
 
 LOG_FILE = "train.log"
 LOG_FORMAT = "{time:YYYY-MM-DD HH:mm:ss} | {level: <7} | {message}"

@@ -1,0 +1,183 @@
+"""The typed configuration: one dataclass per concern, every field documented.
+
+`Config` holds our three argument records and the TrainingArguments values as
+a plain dict. transformers' `TrainingArguments` object is built by the runner
+(component/training/setup.py), because constructing it sets up the process
+group and devices; a `Config` is only data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from transformers import TrainingArguments
+
+RESOLVED_CONFIG_NAME = "train_args.json"
+# TrainingArguments fields that may hold secrets; never logged or saved.
+SECRET_KEYS = ("hub_token", "push_to_hub_token")
+DEFAULT_OPTIM = "adamw_torch_fused"  # transformers' and TRL's default: no per-parameter temporaries in the step
+# Our defaults for TrainingArguments, where transformers' default is wrong
+# for this tool. A config may override each of them.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "report_to": ["tensorboard"],
+    "remove_unused_columns": False,  # our collators read the columns themselves
+    "logging_first_step": True,
+    "save_strategy": "steps",
+    "optim": DEFAULT_OPTIM,
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune and how to load it."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "A hub id, a local folder, or a local .gguf file (dequantized on load)."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer location, when it differs from the model's."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run Python code shipped with the model. Only for models you trust."},
+    )
+    attn_implementation: Optional[str] = field(
+        default=None, metadata={"help": "Attention backend (sdpa, eager, flash_attention_2); None: our choice."}
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Load .bin/.pt/.pth weight files (Python pickles, which can run code when loaded) "
+            "from the model folder or a checkpoint. Default: safetensors only."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how it becomes tokens."""
+
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training data, JSONL."})
+    eval_file: Optional[str] = field(
+        default=None, metadata={"help": "Optional evaluation data, JSONL; eval loss is logged every eval_steps."}
+    )
+    template_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Chat template (see component/template.py), or 'auto' for the tokenizer's own."},
+    )
+    max_seq_length: int = field(default=1024, metadata={"help": "Longest tokenized example; longer ones are cut."})
+    max_prompt_length: int = field(
+        default=512, metadata={"help": "DPO: the prompt is never cut below this many tokens."}
+    )
+    tokenize_num_workers: int = field(default=1, metadata={"help": "Processes used to tokenize the data."})
+    skip_invalid_examples: bool = field(
+        default=False,
+        metadata={"help": "Skip malformed data lines (listed in output_dir) instead of stopping."},
+    )
+    padding_free: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Concatenate each batch into one row without padding; None: on where the model "
+            "type is verified for it (component/model_types.py), off for recurrent models."
+        },
+    )
+    data_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Pretrain: folder for the tokenized, packed data cache; default: data_cache/ next to "
+            "output_dir. Reused only while the files, tokenizer and max_seq_length are unchanged."
+        },
+    )
+
+
+@dataclass
+class MethodArguments:
+    """What kind of training: task, mode and the LoRA adapter's shape."""
+
+    task_type: str = field(default="sft", metadata={"help": "One of: sft, pretrain, dpo."})
+    train_mode: str = field(default="lora", metadata={"help": "One of: full, lora, qlora."})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Module names to adapt; default: every linear layer but the output head."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an output_dir that holds a finished run."}
+    )
+    resume_from_checkpoint: Optional[Union[bool, str]] = field(
+        default=None,
+        metadata={
+            "help": "true: resume from the newest complete checkpoint in output_dir; a path: from that "
+            "checkpoint. Absent while output_dir holds checkpoints: an error saying how to go on."
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps with a NaN/inf loss or gradient to skip before the run stops; 0: stop "
+            "at the first."
+        },
+    )
+    lean_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the output head only where labels are set, in chunks (component/loss.py); "
+            "false: the model's own full-logits loss."
+        },
+    )
+    dpo_beta: float = field(
+        default=0.1, metadata={"help": "DPO: strength of the pull towards the reference model (trl's beta)."}
+    )
+    dpo_loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": "DPO: trl loss type(s): sigmoid (DPO), ipo, hinge, robust, sft (adds an NLL term), ..."},
+    )
+    dpo_loss_weights: Optional[list[float]] = field(
+        default=None, metadata={"help": "DPO: one weight per dpo_loss_type entry; default: all 1."}
+    )
+    dpo_label_smoothing: float = field(
+        default=0.0, metadata={"help": "DPO: probability a preference label is flipped (robust/cDPO), in [0, 0.5)."}
+    )
+    dpo_precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={
+            "help": "DPO: score the data with the reference model once before training; full mode then "
+            "holds no second model copy."
+        },
+    )
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
+OUR_CLASSES = ARGUMENT_CLASSES[:3]
+TRAINING_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration: pure data, no process state."""
+
+    model: ModelArguments
+    data: DataArguments
+    method: MethodArguments
+    training: dict[str, Any]
+    """TrainingArguments keyword arguments: our defaults, then the file's and the flags' values."""
+    source: str = ""
+
+    @property
+    def output_dir(self) -> str:
+        return self.training["output_dir"]
+
+    def to_dict(self, training_args: Optional[TrainingArguments] = None) -> dict[str, Any]:
+        """Every value, secrets removed, ready to be saved as JSON: with the built TrainingArguments
+        (component/training/setup.py) every resolved one, else those given or defaulted by us."""
+        out: dict[str, Any] = {"config_file": self.source}
+        for part in (self.model, self.data, self.method):
+            out.update(dataclasses.asdict(part))
+        training = training_args.to_dict() if training_args is not None else dict(self.training)
+        out.update({k: v for k, v in training.items() if k not in SECRET_KEYS})
+        return out

@@ -1,0 +1,138 @@
+"""Checks of a config's values that need nothing but the values themselves.
+
+Each check takes the merged key/value dict and returns a list of problems,
+each naming its key. Checks that need a layer above the config (templates,
+model types, DeepSpeed files, a task's own keys) are handed to `load_config`
+by the task registry (component/tasks/registry.py); this module imports none.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from component.config.arguments import SECRET_KEYS
+
+Check = Callable[[dict[str, Any]], list[str]]
+TRAIN_MODES = ("full", "lora", "qlora")
+MAX_SEED = 2**32 - 1  # numpy's seed range
+REQUIRED_KEYS = ("output_dir", "model_name_or_path", "train_file")
+
+
+def check_required(values: dict[str, Any]) -> list[str]:
+    return [f"key '{k}' is required" for k in REQUIRED_KEYS if not values.get(k)]
+
+
+def check_train_mode(values: dict[str, Any]) -> list[str]:
+    mode = values.get("train_mode", "lora")
+    return [] if mode in TRAIN_MODES else [f"key 'train_mode': {mode!r} is not one of {', '.join(TRAIN_MODES)}"]
+
+
+def check_precision(values: dict[str, Any]) -> list[str]:
+    if values.get("fp16") and values.get("bf16"):
+        return ["keys 'fp16' and 'bf16' are both true: choose one (bf16 where the hardware has it)"]
+    return []
+
+
+def check_lora(values: dict[str, Any]) -> list[str]:
+    problems = []
+    if values.get("train_mode", "lora") == "full":
+        return problems
+    for key in ("lora_rank", "lora_alpha"):
+        if key in values and values[key] <= 0:
+            problems.append(f"key '{key}': must be positive, got {values[key]}")
+    dropout = values.get("lora_dropout", 0.0)
+    if not 0.0 <= dropout < 1.0:
+        problems.append(f"key 'lora_dropout': must be in [0, 1), got {dropout}")
+    if values.get("train_mode") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append("key 'train_mode': 'qlora' needs bitsandbytes; pip install bitsandbytes, or use 'lora'")
+    if values.get("train_mode") == "qlora" and str(values.get("model_name_or_path", "")).endswith(".gguf"):
+        problems.append(
+            "key 'train_mode': 'qlora' cannot load a .gguf file (transformers does not quantize GGUF "
+            "checkpoints); use 'lora', or save the model as safetensors first (see README, QLoRA)"
+        )
+    return problems
+
+
+def check_lengths(values: dict[str, Any]) -> list[str]:
+    problems = []
+    seq = values.get("max_seq_length", 1024)
+    prompt = values.get("max_prompt_length", 512)
+    if seq <= 1:
+        problems.append(f"key 'max_seq_length': must be at least 2, got {seq}")
+    if values.get("task_type") == "dpo" and (prompt <= 0 or prompt >= seq):
+        problems.append(f"key 'max_prompt_length': must be between 1 and max_seq_length - 1 ({seq - 1}), got {prompt}")
+    if values.get("tokenize_num_workers", 1) < 1:
+        problems.append("key 'tokenize_num_workers': must be at least 1")
+    return problems
+
+
+def check_deepspeed_file(values: dict[str, Any]) -> list[str]:
+    ds = values.get("deepspeed")
+    if isinstance(ds, str) and not Path(ds).is_file():
+        return [f"key 'deepspeed': file {ds!r} not found"]
+    return []
+
+
+def _walk_numbers(value: Any):
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _walk_numbers(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _walk_numbers(v)
+
+
+def check_finite_numbers(values: dict[str, Any]) -> list[str]:
+    return [
+        f"key '{key}': must be a finite number, got {value!r}"
+        for key, value in values.items()
+        if any(not math.isfinite(x) for x in _walk_numbers(value))
+    ]
+
+
+def check_no_secrets(values: dict[str, Any]) -> list[str]:
+    return [
+        f"key '{key}': tokens do not belong in a config (it is saved with the outputs); "
+        "set HF_TOKEN in the environment instead"
+        for key in SECRET_KEYS
+        if values.get(key)
+    ]
+
+
+def check_seed(values: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in ("seed", "data_seed"):
+        seed = values.get(key)
+        if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+            problems.append(f"key '{key}': must be between 0 and {MAX_SEED}, got {seed}")
+    return problems
+
+
+def check_resume_keys(values: dict[str, Any]) -> list[str]:
+    problems = []
+    resume = values.get("resume_from_checkpoint")
+    if isinstance(resume, str) and not resume.strip():
+        problems.append("key 'resume_from_checkpoint': empty; use true, a checkpoint folder, or leave it out")
+    if values.get("max_nonfinite_steps", 0) < 0:
+        problems.append(f"key 'max_nonfinite_steps': must be 0 or more, got {values['max_nonfinite_steps']}")
+    return problems
+
+
+BUILTIN_CHECKS: tuple[Check, ...] = (
+    check_required,
+    check_train_mode,
+    check_precision,
+    check_lora,
+    check_lengths,
+    check_deepspeed_file,
+    check_finite_numbers,
+    check_no_secrets,
+    check_seed,
+    check_resume_keys,
+)

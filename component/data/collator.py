@@ -1,0 +1,70 @@
+"""Batch collation for SFT: right padding, or one padding-free row.
+
+`PaddingCollator` pads input ids with the tokenizer's pad id and labels with
+IGNORE_INDEX; `attention_mask` marks the real tokens.
+
+`PaddingFreeCollator` concatenates the examples into one row: no padding
+token is computed. `position_ids` restart at 0 for every example, and the
+first label of every example is IGNORE_INDEX so that no example learns to
+predict the next one's first token (exactly the targets a padded batch has).
+`cu_seq_lens_*` / `max_length_*` carry the boundaries in the form
+flash-attention's varlen path takes; transformers forwards them to the
+attention function (component/model/attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from component.data.template import IGNORE_INDEX
+
+
+@dataclass
+class PaddingCollator:
+    """Pads a list of {input_ids, labels} to the longest one in the batch."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+@dataclass
+class PaddingFreeCollator:
+    """Concatenates a batch of {input_ids, labels} into one row without padding.
+
+    The batch keeps `per_device_train_batch_size` examples, so gradient
+    accumulation and `num_items_in_batch` mean the same as with padding.
+    """
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids, labels, positions, lengths = [], [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.extend(f["input_ids"])
+            example_labels = list(f["labels"])
+            example_labels[0] = IGNORE_INDEX  # never a target: it would be predicted from the previous example
+            labels.extend(example_labels)
+            positions.extend(range(n))
+            lengths.append(n)
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+        }

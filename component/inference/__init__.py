@@ -1,0 +1,1 @@
+"""Inference: generation, adapter merging (and the scripts' services built on them)."""

@@ -1,0 +1,1 @@
+"""Models: loading, model-type data, quantization, attention (imports data, config and below)."""

@@ -1,0 +1,1 @@
+"""Tasks: one record per task type (sft, pretrain, dpo) and the registry the runner reads."""

@@ -1,0 +1,45 @@
+"""Every task type, in one table: the runner and the config checks read it.
+
+Adding a task type: a module in component/tasks/ with a `TASK` record, and
+one entry here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from component.config import Check, suggest
+from component.data.tokenizer_template import check_template_name
+from component.model.loading import check_lora_target_values
+from component.model.weights import check_model_pickles
+from component.tasks import dpo, pretrain, sft
+from component.tasks.task import Task
+from component.training.distributed import deepspeed_problems
+
+TASKS: dict[str, Task] = {task.name: task for task in (sft.TASK, pretrain.TASK, dpo.TASK)}
+DEFAULT_TASK = "sft"
+# Checks that need a layer above the config: template names, model files and types, DeepSpeed files.
+SHARED_CHECKS: tuple[Check, ...] = (check_template_name, check_model_pickles, check_lora_target_values, deepspeed_problems)
+
+
+def check_task_type(values: dict[str, Any]) -> list[str]:
+    task = values.get("task_type", DEFAULT_TASK)
+    if task in TASKS:
+        return []
+    hint = suggest(str(task), TASKS)
+    return [
+        f"key 'task_type': {task!r} is not one of {', '.join(TASKS)}" + (f" (did you mean {hint!r}?)" if hint else "")
+    ]
+
+
+def check_task_keys(values: dict[str, Any]) -> list[str]:
+    task = TASKS.get(values.get("task_type", DEFAULT_TASK))
+    return [p for check in (task.checks if task else ()) for p in check(values)]
+
+
+CONFIG_CHECKS: tuple[Check, ...] = (check_task_type, *SHARED_CHECKS, check_task_keys)
+"""What `load_config` is handed by train.py, the scripts and the tests."""
+
+
+def task_for(name: str) -> Task:
+    return TASKS[name]

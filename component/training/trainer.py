@@ -1,0 +1,124 @@
+"""Our trainers: one mixin that every task's Trainer uses, and the SFT/pretrain Trainer.
+
+`RunHooks` is mixed into transformers' `Trainer` (SFT, pretrain) and trl's
+`DPOTrainer` alike. It holds the run's callbacks by name (the report, the
+interrupt handler, the non-finite guard, the checkpoint marker) and feeds
+them every micro-batch and every loss; nothing is found by scanning.
+
+`FinetuneTrainer` adds the lean loss (component/training/loss.py) through
+transformers' public `compute_loss_func` hook: `compute_loss` asks the model
+for no logits and keeps the decoder's last hidden state, and the hook turns
+the labelled rows into the loss. Trainer.compute_loss does the rest as
+upstream does (label popping, token averaging across devices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from loguru import logger
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+from component.config import Config
+from component.data.splits import TaskData
+from component.training.checkpoints import CheckpointMarker
+from component.training.logs import LogCallback
+from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts
+from component.training.report import RunReportCallback
+from component.training.safety import InterruptCallback, NonFiniteGuard
+
+
+class RunHooks:
+    """Mixin for a transformers Trainer (ours or trl's): the run's callbacks, held by name, fed every step.
+
+    Keyword arguments on top of the Trainer's: `max_nonfinite_steps` for the guard, and
+    `callbacks`, extra ones (tests, benchmarks), added after ours.
+    """
+
+    def __init__(self, *args, max_nonfinite_steps: int = 0, callbacks: Sequence[TrainerCallback] = (), **kwargs):
+        self.run_report = RunReportCallback()
+        self.interrupt = InterruptCallback()
+        self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
+        self.checkpoint_marker = CheckpointMarker()
+        # The report goes first: it adds tokens/s to the logs the others show. The interrupt callback asks
+        # for a save at step end; the marker then clears the completion mark of the folder about to be written.
+        own = [self.run_report, LogCallback(), self.interrupt, self.nonfinite_guard, self.checkpoint_marker]
+        super().__init__(*args, callbacks=[*own, *callbacks], **kwargs)
+        self.checkpoint_marker.take_rotation(self.args)
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        # The run report counts real and supervised tokens from each micro-batch.
+        self.run_report.observe_batch(inputs, self.callback_handler.callbacks)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        self.nonfinite_guard.observe_loss(loss)
+        return loss
+
+
+class FinetuneTrainer(RunHooks, Trainer):
+    """transformers.Trainer with the run hooks and the lean loss."""
+
+    def __init__(self, *args, lean_loss: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        # None where the model's type or config rules the lean loss out (component/training/loss.py).
+        # ZeRO-3 partitions the head's weight and gathers it only inside the model's own forward.
+        parts = find_head_parts(self.model) if lean_loss and not is_deepspeed_zero3_enabled() else None
+        # A head tied to the input embedding: one weight-gradient buffer instead of two (component/training/loss.py).
+        # Eager single-process runs only: not DataParallel, DeepSpeed, FSDP, or a compiled model.
+        one_process = self.args.n_gpu <= 1 and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.torch_compile
+        )
+        embedding = TiedHeadGrad.usable(parts, self.model, self.accelerator.num_processes if one_process else 0)
+        self.tied_grad = TiedHeadGrad(embedding.weight, embedding) if embedding is not None else None
+        self.lean = LeanLoss(parts, sink=self.tied_grad) if parts is not None else None
+        if self.lean is not None:
+            self.compute_loss_func = self.lean
+        logger.info(
+            "loss: lean (the output head runs on labelled positions only)"
+            if self.lean is not None
+            else "loss: the model's own (full-sequence logits)"
+        )
+        if self.tied_grad is not None:
+            logger.info("tied head and embedding: one gradient buffer (the lookup's gradient is sparse until added)")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.lean is None or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.lean.capture(inputs):
+            return super().compute_loss(model, self.lean.model_inputs(inputs), return_outputs, num_items_in_batch)
+
+    def train(self, *args, **kwargs):
+        if self.tied_grad is not None:
+            self.tied_grad.open()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self.tied_grad is not None:
+                self.tied_grad.close()
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.tied_grad is not None:
+            self.tied_grad.flush()  # before clipping, the finite-gradient guard and the optimizer
+        return loss
+
+
+def build_finetune_trainer(
+    config: Config,
+    args: TrainingArguments,
+    model,
+    tokenizer,
+    data: TaskData,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> FinetuneTrainer:
+    return FinetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        processing_class=tokenizer,
+        lean_loss=config.method.lean_loss,
+        max_nonfinite_steps=config.method.max_nonfinite_steps,
+        callbacks=callbacks,
+    )
