@@ -14,15 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from component import loss as lean  # noqa: E402
+from component.training import loss as lean
 
 DEFAULT_SHAPES = ("256000x256x600", "49152x256x3000", "49152x576x2000", "49152x576x2000:frozen")
 """The 256k benchmark model's head; the tiny Llama's; SmolLM2-135M's, full and under LoRA."""

@@ -196,8 +196,8 @@ def prepare_data(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> tuple[Path
     """Tokenize the first N conversations once, with our template and mask; both trainers read the result."""
     from transformers import AutoTokenizer
 
-    from component.sft_data import build_sft_dataset
-    from component.template import get_template
+    from component.data.sft import build_sft_dataset
+    from component.data.template_registry import get_template
 
     out = work / f"data-{spec.conversations}-{spec.max_len}"
     if not out.exists():
@@ -226,7 +226,7 @@ def prepare_model(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> Path:
         print(f"# {GGUF} is absent: {spec.name} uses SmolLM2-135M's shape with random weights", file=sys.stderr)
         model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=spec.vocab, **SMOLLM2_ARCH, **ids))
     elif spec.build == "smollm2":
-        from component.model import detach_gguf_quantizer
+        from component.model.loading import detach_gguf_quantizer
 
         model = AutoModelForCausalLM.from_pretrained(
             str(GGUF.resolve().parent), gguf_file=GGUF.resolve().name, dtype=torch.float32
@@ -304,10 +304,13 @@ def lora_settings() -> dict:
 
 
 def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str):
-    from component.config import load_config
-    from component.model import load_model, load_tokenizer
-    from component.sft import choose_collator
-    from component.trainer import FinetuneTrainer
+    from component.config import config_from_values
+    from component.data.splits import TaskData
+    from component.model.loading import load_model, load_tokenizer
+    from component.tasks.registry import CONFIG_CHECKS
+    from component.tasks.sft import choose_collator
+    from component.training.setup import training_arguments
+    from component.training.trainer import build_finetune_trainer
 
     values = {
         **common_args(spec, out),
@@ -320,20 +323,13 @@ def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str):
         "lora_alpha": 32,
         "lora_dropout": 0.0,
     }
-    args = [f"--{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
-    config = load_config(args)
+    config = config_from_values(values, CONFIG_CHECKS, source="bench")
+    args = training_arguments(config)
     tokenizer = load_tokenizer(config.model)
     counter = BatchCounter(choose_collator(config, tokenizer))
     model = load_model(config)
-    trainer = FinetuneTrainer(
-        model=model,
-        args=config.training,
-        train_dataset=dataset,
-        data_collator=counter,
-        processing_class=tokenizer,
-        lean_loss=config.method.lean_loss,
-    )
-    return trainer, counter
+    data = TaskData(dataset, None, counter, None, [])
+    return build_finetune_trainer(config, args, model, tokenizer, data), counter
 
 
 def build_trl(spec: ModelSpec, model_dir: Path, dataset, out: str, mode: str):
@@ -434,7 +430,6 @@ def run_worker(spec: ModelSpec, config_name: str, model_dir: Path, data_dir: Pat
     ]
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -516,7 +511,6 @@ def main(argv: list[str]) -> int:
         result = run_one(ModelSpec(**json.loads(spec_json)), config_name, model_dir, data_dir)
         print("RESULT " + json.dumps(result), flush=True)
         return 0
-    sys.path.insert(0, str(ROOT))
     args = parse(argv)
     if args.quick:
         apply_quick(args)

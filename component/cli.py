@@ -2,19 +2,26 @@
 
 `python train.py` and each `script/*.py` parse their own flags and call one
 function of the package; this module gives them the same logging set-up, the
-same `UserError` -> message + exit code, and the same model arguments.
+same `UserError` -> message + exit code, and the same model arguments. It also
+holds the config-driven commands (training, data inspection), which need the
+task registry and the model layer together.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Callable
-from typing import Optional
+from collections.abc import Callable, Sequence
+from typing import Optional, TextIO
 
 from loguru import logger
+from transformers import TrainerCallback
 
-from component.config import HELP_FLAGS, describe_keys, load_config
-from component.errors import USER_ERROR_EXIT_CODE, UserError
+from component.config import CONFIG_FILE_FLAG, HELP_FLAGS, describe_keys, load_config
+from component.data.inspection import InspectOptions, show_sft_data
+from component.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
+from component.inference.generation import DTYPES, ModelSource
+from component.model.loading import load_tokenizer
 from component.runner import run
 from component.tasks.registry import CONFIG_CHECKS
 from component.training.logs import setup_logging
@@ -30,14 +37,52 @@ def run_main(body: Callable[[], Optional[int]]) -> int:
         return getattr(exc, "exit_code", USER_ERROR_EXIT_CODE)  # a signal: 128 + its number
 
 
-def main_train(argv: Optional[list[str]] = None) -> int:
-    """`python train.py --train_args_file FILE.json [--key value ...]`."""
+def main_train(argv: Optional[list[str]] = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
+    """`python train.py --train_args_file FILE.json [--key value ...]`; `callbacks` join the run's own."""
     argv = sys.argv[1:] if argv is None else argv
     if any(flag in argv for flag in HELP_FLAGS):
         print(describe_keys())
         return 0
 
     def train() -> None:
-        run(load_config(argv, CONFIG_CHECKS))
+        run(load_config(argv, CONFIG_CHECKS), callbacks)
 
     return run_main(train)
+
+
+# ---------------------------------------------------------------- model flags (chat, serve, evaluate)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that say which model to load for inference, as `model_source` reads them."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Model folder (full or merged), hub id or .gguf; with --adapter, the base model. "
+        "A run's adapter folder alone also works.",
+    )
+    parser.add_argument("--adapter", help="LoRA/QLoRA adapter folder to apply to --model.")
+    parser.add_argument("--template", help="Chat template name; default: the one recorded at training time.")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="Precision of the model's weights.")
+    parser.add_argument(
+        "--load_in_4bit", action="store_true", help="Load the base model in 4-bit NF4 (bitsandbytes, GPU)."
+    )
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(args.model, args.adapter, args.template, args.dtype, args.load_in_4bit)
+
+
+# ---------------------------------------------------------------- data inspection (script/inspect_data.py)
+
+
+def inspect_data(
+    train_args_file: str, overrides: Sequence[str], options: InspectOptions, out: Optional[TextIO] = None
+) -> None:
+    """Load the config as train.py does and the tokenizer only (never the model), then show the SFT data."""
+    config = load_config([CONFIG_FILE_FLAG, train_args_file, *overrides], CONFIG_CHECKS)
+    if config.method.task_type != "sft":
+        raise ConfigError(
+            f"inspect_data shows SFT conversations; {train_args_file} has task_type {config.method.task_type!r}"
+        )
+    show_sft_data(config, load_tokenizer(config.model), options, out)

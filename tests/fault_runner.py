@@ -10,6 +10,8 @@ FAULT is one of:
              optimizer, before the RNG state, trainer state and completion marker)
   slow       sleep SLOW_STEP_S after every step from STEP on, so that a test can
              signal the process from outside while it trains
+The fault is a callback handed to `run(config, callbacks=...)`; only kill_save
+patches the Trainer, since no hook runs between a checkpoint's files.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import Trainer, TrainerCallback
 
-from transformers import Trainer, TrainerCallback  # noqa: E402
-
-import component.runner as runner  # noqa: E402
-import train  # noqa: E402
+from component.cli import run_main
+from component.config import load_config
+from component.runner import run
+from component.tasks.registry import CONFIG_CHECKS
+from component.training.distributed import shutdown
 
 SLOW_STEP_S = 1.0
 
@@ -50,25 +52,24 @@ class Fault(TrainerCallback):
             time.sleep(SLOW_STEP_S)
 
 
-def install(kind: str, step: int) -> None:
-    add = runner.add_safety_callbacks
+def die_while_saving(step: int) -> None:
+    save_rng = Trainer._save_rng_state
 
-    def add_with_fault(trainer, *args, **kwargs):
-        add(trainer, *args, **kwargs)
-        trainer.add_callback(Fault(kind, step))
+    def dying_save_rng(self, output_dir):
+        if self.state.global_step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_rng(self, output_dir)
 
-    runner.add_safety_callbacks = add_with_fault
+    Trainer._save_rng_state = dying_save_rng
+
+
+def main(kind: str, step: int, argv: list[str]) -> int:
     if kind == "kill_save":
-        save_rng = Trainer._save_rng_state
-
-        def dying_save_rng(self, output_dir):
-            if self.state.global_step == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return save_rng(self, output_dir)
-
-        Trainer._save_rng_state = dying_save_rng
+        die_while_saving(step)
+    return run_main(lambda: run(load_config(argv, CONFIG_CHECKS), callbacks=[Fault(kind, step)]) and None)
 
 
 if __name__ == "__main__":
-    install(sys.argv[1], int(sys.argv[2]))
-    sys.exit(train.main(sys.argv[3:]))
+    status = main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    shutdown(status)
+    sys.exit(status)

@@ -1,5 +1,11 @@
-"""Helpers for the resume and fault tests: run training in-process or as a faulty subprocess,
-and read back what a run left (per-step losses, final weights)."""
+"""The one place tests train a config and read back what a run left.
+
+- `load_config` / `load_values` / `config_of`: a config checked as train.py checks it (with the
+  task registry's checks), from argv or from a dict;
+- `train(...)`: one run in-process, with extra callbacks injected (never patched in);
+- `run_with_fault(...)`: train.py as a subprocess with one injected fault (tests/fault_runner.py);
+- `step_losses`, `final_weights`, `assert_same_run`: what a run left, and "same run" comparisons.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,10 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from component.config import CONFIG_FILE_FLAG, load_config
+from component import config as _config
+from component.config import CONFIG_FILE_FLAG, Config
 from component.runner import run
+from component.tasks.registry import CONFIG_CHECKS
 from tests.conftest import base_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +35,25 @@ SAVE_STEPS = 3
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors")
 
 
+def load_config(argv: list[str]) -> Config:
+    """A config from argv, checked as train.py checks it."""
+    return _config.load_config(argv, CONFIG_CHECKS)
+
+
+def load_values(argv: list[str]) -> tuple[dict, str]:
+    return _config.load_values(argv, CONFIG_CHECKS)
+
+
+def config_of(values: dict) -> Config:
+    """A config from a dict of keys, checked as train.py checks a file."""
+    return _config.config_from_values(values, CONFIG_CHECKS)
+
+
+def train(values: dict, callbacks=()):
+    """Train the config `values` in this process; `callbacks` join the run's own. Returns the trainer."""
+    return run(config_of(values), callbacks=callbacks)
+
+
 def run_config(tmp: Path, model_dir: Path, out: Path, name: str = "run.json", **overrides) -> Path:
     # lora_dropout: resuming must restore the RNG state too.
     defaults = dict(max_steps=STEPS, save_steps=SAVE_STEPS, max_prompt_length=64, lora_dropout=0.1)
@@ -34,8 +61,8 @@ def run_config(tmp: Path, model_dir: Path, out: Path, name: str = "run.json", **
     return write_config(tmp / name, **values)
 
 
-def train_in_process(config_path: Path, *flags: str):
-    return run(load_config([CONFIG_FILE_FLAG, str(config_path), *flags]))
+def train_in_process(config_path: Path, *flags: str, callbacks=()):
+    return run(load_config([CONFIG_FILE_FLAG, str(config_path), *flags]), callbacks=callbacks)
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -67,8 +94,14 @@ def run_with_fault(fault: str, step: int, config_path: Path, *flags: str, env: O
 
 
 def step_losses(checkpoint: Path) -> dict[int, float]:
+    """step -> training loss, from the Trainer's state saved in a checkpoint folder."""
     history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
     return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+def trainer_losses(trainer) -> list[float]:
+    """The logged training losses of a finished in-process run, in step order."""
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Inference and script/chat.py: templates from metadata, stop tokens never shown, clean interruption."""
+"""Inference, component/inference/chat.py and script/chat.py: templates from metadata, stop tokens never
+shown, clean interruption."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from component.config import load_config
-from component.inference import InferenceError, _stream_text, generate, load_for_inference
+from component.data.template import Message
+from component.inference import chat
+from component.inference.chat import ChatSettings
+from component.inference.generation import InferenceError, _stream_text, generate, load_for_inference
 from component.runner import run
-from component.template import Message
-from script import chat
+from script import chat as chat_script
 from tests.conftest import ROOT, base_config, write_config
+from tests.runs import load_config
 from tests.tiny import tiny_tokenizer
 
 STOP = "<|im_end|>"  # chatml's stop token
@@ -45,10 +48,6 @@ def loaded(chat_model):
     return load_for_inference(str(chat_model))
 
 
-def _args(**kw):
-    return chat.parse_args(["--model", "unused", *sum(([f"--{k}", str(v)] for k, v in kw.items()), [])])
-
-
 def _generate_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "generate" and t.is_alive()]
 
@@ -75,7 +74,7 @@ def test_reply_ends_at_the_stop_token_which_is_never_shown(loaded):
     assert len(ids) < MAX_NEW  # stopped by the stop token, not by the length limit
 
 
-def test_one_shot_prints_reply_without_stop_token(chat_model):
+def test_one_shot_prints_reply_without_stop_token(chat_model, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
@@ -89,14 +88,14 @@ def test_one_shot_prints_reply_without_stop_token(chat_model):
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path,  # another folder: the installed package is found without the checkout on sys.path
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and STOP not in proc.stdout
 
 
 def test_missing_model_exits_2_without_traceback(tmp_path, capsys):
-    assert chat.main(["--model", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
+    assert chat_script.main(["--model", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
 
@@ -112,7 +111,7 @@ def test_interactive_multi_turn_and_reset(loaded, monkeypatch):
 
     out = io.StringIO()
     monkeypatch.setattr(chat, "generate", recording)
-    chat.interactive(loaded, _args(max_new_tokens=8), read=lambda _: next(lines), out=out)
+    chat.interactive(loaded, ChatSettings(max_new_tokens=8), read=lambda _: next(lines), out=out)
     assert [len(m) for m in seen] == [1, 3, 1]  # second turn sees the first; reset clears it
     assert "history cleared" in out.getvalue()
 
@@ -139,7 +138,8 @@ class _InterruptingOut(io.StringIO):
 
 def test_ctrl_c_during_generation_stops_cleanly(loaded):
     out = _InterruptingOut()
-    reply, interrupted = chat.stream_reply(loaded, [Message("user", "hello there")], _args(max_new_tokens=200), out)
+    settings = ChatSettings(max_new_tokens=200)
+    reply, interrupted = chat.stream_reply(loaded, [Message("user", "hello there")], settings, out)
     assert interrupted and reply == ""  # nothing after the interrupt was shown or kept
     assert chat.STOPPED_NOTE in out.getvalue()
     assert not _generate_threads()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
 
-from component.config import load_config, load_values
+from component.config import CONFIG_FILE_FLAG, save_config
 from component.errors import USER_ERROR_EXIT_CODE, ConfigError
 from tests.conftest import ROOT, base_config, write_config
+from tests.runs import load_config, load_values
 
 
 def run_train(*args: str) -> subprocess.CompletedProcess:
@@ -30,10 +33,10 @@ def test_cli_overrides_file_values(tmp_path, tiny_llama_dir):
             "--gradient_checkpointing",
         ]
     )
-    assert config.training.learning_rate == 5e-5
-    assert config.training.num_train_epochs == 2
+    assert config.training["learning_rate"] == 5e-5
+    assert config.training["num_train_epochs"] == 2
     assert config.method.lora_target_modules == ["q_proj", "v_proj"]
-    assert config.training.gradient_checkpointing is True
+    assert config.training["gradient_checkpointing"] is True
     assert config.method.lora_rank == 8  # from the file
 
 
@@ -105,15 +108,13 @@ def test_train_py_exits_nonzero_without_traceback_or_output_dir(tmp_path, tiny_l
     assert not out.exists()
 
 
-def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir, monkeypatch):
-    from component.config import save_config
-
+def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir):
     # A token in the config would be pickled into training_args.bin, so it is refused
-    # (component/safety.py); the environment is where it belongs, and it stays there.
+    # (component/config/checks.py); the environment is where it belongs.
     with pytest.raises(ConfigError, match="hub_token.*HF_TOKEN"):
         load_config(
             [
-                "--train_args_file",
+                CONFIG_FILE_FLAG,
                 str(
                     write_config(
                         tmp_path / "t.json", **base_config(tiny_llama_dir, tmp_path / "out", hub_token="hf_secret")
@@ -121,11 +122,12 @@ def test_resolved_config_is_saved_without_secrets(tmp_path, tiny_llama_dir, monk
                 ),
             ]
         )
-    monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
-    config = load_config(["--train_args_file", str(cfg)])
-    path = save_config(config, str(tmp_path))
-    text = path.read_text()
+    # One that got into a Config anyway (built in code, not from a file) is still never saved.
+    config = load_config(
+        [CONFIG_FILE_FLAG, str(write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out")))]
+    )
+    leaky = dataclasses.replace(config, training={**config.training, "hub_token": "hf_secret"})
+    text = save_config(leaky.to_dict(), str(tmp_path)).read_text()
     assert "hf_secret" not in text and '"lora_rank": 8' in text and '"template_name": "chatml"' in text
 
 
@@ -133,3 +135,48 @@ def test_help_lists_our_keys():
     proc = run_train("--help")
     assert proc.returncode == 0
     assert "lora_rank (default 64)" in proc.stdout and "template_name" in proc.stdout
+
+
+# What loading a config may import: the config layer needs transformers' TrainingArguments for its field
+# table, and transformers 5.24 itself imports peft (and through it bitsandbytes) in trainer_utils.
+# Loading must add no task library, start no process state, and import no layer above config.
+IMPORT_PROBE = """
+import json, sys
+import transformers.training_args
+library = set(sys.modules)
+peft_from_transformers = "peft" in library
+from component.config import load_config
+if sys.argv[1] == "registry":
+    from component.tasks.registry import CONFIG_CHECKS
+else:
+    CONFIG_CHECKS = ()
+config = load_config(sys.argv[2:], CONFIG_CHECKS)
+from accelerate.state import PartialState
+import torch.distributed as dist
+print(json.dumps({
+    "added": sorted(m.split(".")[0] for m in set(sys.modules) - library),
+    "trl": "trl" in sys.modules,
+    "peft_from_transformers": peft_from_transformers,
+    "layers": sorted({m.split(".")[1] for m in sys.modules if m.startswith("component.")}),
+    "process_state": PartialState._shared_state != {},
+    "process_group": dist.is_available() and dist.is_initialized(),
+}))
+"""
+
+
+@pytest.mark.parametrize("checks", ["builtin", "registry"])
+def test_loading_a_config_imports_no_task_library_and_starts_nothing(tmp_path, tiny_llama_dir, checks):
+    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
+    argv = [CONFIG_FILE_FLAG, str(cfg)]
+    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, checks, *argv], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not seen["trl"]
+    # If this fails, transformers no longer imports peft with TrainingArguments: then assert that
+    # peft is not in sys.modules at all after loading a config.
+    assert seen["peft_from_transformers"]
+    assert not {"trl", "peft", "deepspeed", "bitsandbytes"} & set(seen["added"]), seen["added"]
+    assert not seen["process_state"] and not seen["process_group"]
+    if checks == "builtin":
+        assert seen["layers"] == ["config", "errors"]
+        assert "datasets" not in seen["added"]

@@ -14,8 +14,8 @@ import pytest
 
 import train
 from component.config import CONFIG_FILE_FLAG
+from component.data.sft import INVALID_EXAMPLES_FILE
 from component.errors import MAX_LISTED_PROBLEMS, USER_ERROR_EXIT_CODE
-from component.sft_data import INVALID_EXAMPLES_FILE
 from tests.conftest import base_config, write_config
 
 GOOD = json.dumps({"conversation": [{"human": "What is two plus two?", "assistant": "Four."}]})

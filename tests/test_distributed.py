@@ -30,12 +30,13 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from component import distributed
-from component.config import CONFIG_FILE_FLAG, load_config
-from component.distributed import free_port
+from component.config import CONFIG_FILE_FLAG
 from component.errors import USER_ERROR_EXIT_CODE
+from component.training import distributed
+from component.training.distributed import free_port
+from component.training.setup import training_arguments
 from tests.conftest import ROOT, base_config, write_config
-from tests.runs import subprocess_env
+from tests.runs import load_config, subprocess_env
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 TRAIN_ARGS = ROOT / "train_args"
@@ -359,7 +360,7 @@ def test_backend_is_gloo_on_cpu_nccl_on_gpu_and_configurable():
 SHUTDOWN_PROBE = """
 import sys
 import torch.distributed as dist
-from component.distributed import shutdown
+from component.training.distributed import shutdown
 shutdown(0)  # no group: returns
 print("returned without a group", flush=True)
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:%d", rank=0, world_size=1)
@@ -417,7 +418,7 @@ def test_find_unused_parameters_resolved(tmp_path, tiny_llama_dir, mode, expecte
     cfg = write_config(
         tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", train_mode=mode, max_prompt_length=64)
     )
-    assert load_config([CONFIG_FILE_FLAG, str(cfg)]).training.ddp_find_unused_parameters is expected
+    assert training_arguments(load_config([CONFIG_FILE_FLAG, str(cfg)])).ddp_find_unused_parameters is expected
 
 
 @pytest.mark.parametrize("name", sorted(DS_CONFIGS))
@@ -437,7 +438,7 @@ def test_shipped_deepspeed_configs(name, tmp_path, tiny_llama_dir):
         tmp_path / "c.json",
         **base_config(tiny_llama_dir, tmp_path / "out", max_prompt_length=64, deepspeed=str(DS_CONFIGS[name])),
     )
-    load_config([CONFIG_FILE_FLAG, str(cfg)], runnable=False)
+    load_config([CONFIG_FILE_FLAG, str(cfg)])
 
 
 def _ds_file(tmp_path: Path, **blocks) -> str:

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from component.config import load_config
-from component.dpo import Tokens, build_preference_dataset, check_pair, dpo_args, tokenize_pair, truncate_pair
+from component.data.preference import Tokens, build_preference_dataset, check_pair, tokenize_pair, truncate_pair
+from component.data.template import Message, encode_messages, generation_prompt
+from component.data.template_registry import get_template
 from component.errors import ConfigError, DataError
 from component.runner import run
-from component.template import Message, encode_messages, generation_prompt, get_template
+from component.tasks.dpo import dpo_arguments
 from tests.conftest import ROOT, base_config, write_config
+from tests.runs import load_config
 from tests.tiny import tiny_tokenizer
 
 SAMPLE = ROOT / "data" / "dpo_sample.jsonl"
@@ -178,7 +180,7 @@ def test_dpo_options_are_checked_and_trl_defaults_follow_our_config(tiny_llama_d
     assert "key 'dpo_beta': must be positive" in str(err.value)
     assert "key 'dpo_loss_type': unknown ['nope']" in str(err.value)
     cfg = write_config(tmp_path / "c.json", **dpo_config(tiny_llama_dir, tmp_path / "o", SAMPLE, learning_rate=2e-4))
-    args = dpo_args(load_config(["--train_args_file", str(cfg)]))
+    args = dpo_arguments(load_config(["--train_args_file", str(cfg)]))
     # trl would default to bf16, gradient checkpointing and lr 1e-6.
     assert (args.bf16, args.gradient_checkpointing, args.learning_rate) == (False, False, 2e-4)
     assert (args.beta, args.loss_type, args.max_length, args.logging_steps) == (0.1, ["sigmoid"], 96, 1)

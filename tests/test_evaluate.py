@@ -1,4 +1,5 @@
-"""script/evaluate.py: loss as training computes it, lower after training, one reply per prompt."""
+"""script/evaluate.py (component/inference/evaluation.py): loss as training computes it, lower after training,
+one reply per prompt."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-import train
+from component.cli import main_train
 from script import evaluate
 from tests.conftest import TINY_SFT, base_config, write_config
 
@@ -28,7 +29,7 @@ def trained_dir(tmp_path_factory, tiny_llama_dir):
         eval_steps=6,
         per_device_eval_batch_size=8,
     )
-    assert train.main(["--train_args_file", str(write_config(tmp / "config.json", **values))]) == 0
+    assert main_train(["--train_args_file", str(write_config(tmp / "config.json", **values))]) == 0
     return tmp / "out"
 
 

@@ -23,23 +23,26 @@ import torch
 from loguru import logger
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
-import component.runner as runner
-from component.config import CONFIG_FILE_FLAG, load_config, load_values
+from component.config import CONFIG_FILE_FLAG
 from component.errors import ConfigError
-from component.outputs import read_meta
-from component.resume import checkpoint_problems, newest_complete, pickle_weight_files
-from component.safety import SIGNAL_EXIT_BASE, InterruptCallback, NonFiniteError
-from tests.conftest import TINY_SFT, base_config, write_config
+from component.model.weights import pickle_weight_files
+from component.training.checkpoints import checkpoint_problems, newest_complete
+from component.training.outputs import read_meta
+from component.training.safety import SIGNAL_EXIT_BASE, InterruptCallback, NonFiniteError
+from tests.conftest import ROOT, TINY_SFT, base_config, write_config
 from tests.runs import (
     SAVE_STEPS,
     STEPS,
     assert_same_run,
     fault_command,
     final_weights,
+    load_config,
+    load_values,
     reference_run,
     run_config,
     run_with_fault,
     subprocess_env,
+    train,
     train_in_process,
 )
 
@@ -126,11 +129,12 @@ def test_first_signal_asks_for_save_and_stop(sig, log_lines):
     assert any(f"received {sig.name}: finishing the current step" in m for m in log_lines)
 
 
-def test_signal_handlers_are_restored_after_training(tmp_path, tiny_llama_dir, nan_at):
+def test_signal_handlers_are_restored_after_training(tmp_path, tiny_llama_dir):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    nan_at(2)  # training ends on an error, not through on_train_end
     with pytest.raises(NonFiniteError):
-        train_in_process(run_config(tmp_path, tiny_llama_dir, tmp_path / "out", max_steps=3))
+        train_in_process(
+            run_config(tmp_path, tiny_llama_dir, tmp_path / "out", max_steps=3), callbacks=[NaNAtSteps({2})]
+        )  # ends on an error
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
@@ -153,25 +157,10 @@ class NaNAtSteps(TrainerCallback):
             self.hook = None
 
 
-@pytest.fixture
-def nan_at(monkeypatch):
-    def install(*steps: int):
-        add = runner.add_safety_callbacks
-
-        def add_with_nan(trainer, *args, **kwargs):
-            add(trainer, *args, **kwargs)
-            trainer.add_callback(NaNAtSteps(set(steps)))
-
-        monkeypatch.setattr(runner, "add_safety_callbacks", add_with_nan)
-
-    return install
-
-
-def test_nan_loss_stops_with_step_lr_and_causes_keeping_last_checkpoint(tmp_path, tiny_llama_dir, nan_at):
+def test_nan_loss_stops_with_step_lr_and_causes_keeping_last_checkpoint(tmp_path, tiny_llama_dir):
     out = tmp_path / "out"
-    nan_at(SAVE_STEPS + 2)
     with pytest.raises(NonFiniteError) as err:
-        train_in_process(run_config(tmp_path, tiny_llama_dir, out))
+        train_in_process(run_config(tmp_path, tiny_llama_dir, out), callbacks=[NaNAtSteps({SAVE_STEPS + 2})])
     text = str(err.value)
     assert f"stopped at step {SAVE_STEPS + 2}" in text and "learning rate" in text
     assert "NaN or infinite" in text and "bf16" in text and "learning rate too high" in text
@@ -180,10 +169,11 @@ def test_nan_loss_stops_with_step_lr_and_causes_keeping_last_checkpoint(tmp_path
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{SAVE_STEPS}"]
 
 
-def test_nonfinite_steps_can_be_skipped(tmp_path, tiny_llama_dir, nan_at, log_lines):
+def test_nonfinite_steps_can_be_skipped(tmp_path, tiny_llama_dir, log_lines):
     out = tmp_path / "out"
-    nan_at(2, 5)
-    train_in_process(run_config(tmp_path, tiny_llama_dir, out), "--max_nonfinite_steps", "2")
+    train_in_process(
+        run_config(tmp_path, tiny_llama_dir, out), "--max_nonfinite_steps", "2", callbacks=[NaNAtSteps({2, 5})]
+    )
     skipped = [m for m in log_lines if "step skipped" in m]
     assert len(skipped) == 2 and "step 2:" in skipped[0] and "step 5:" in skipped[1]
     weights = final_weights(out)
@@ -191,10 +181,14 @@ def test_nonfinite_steps_can_be_skipped(tmp_path, tiny_llama_dir, nan_at, log_li
     assert read_meta(str(out))["finished"] is True
 
 
-def test_nonfinite_beyond_the_allowance_stops(tmp_path, tiny_llama_dir, nan_at):
-    nan_at(2, 3)
+def test_nonfinite_beyond_the_allowance_stops(tmp_path, tiny_llama_dir):
     with pytest.raises(NonFiniteError, match="stopped at step 3"):
-        train_in_process(run_config(tmp_path, tiny_llama_dir, tmp_path / "out"), "--max_nonfinite_steps", "1")
+        train_in_process(
+            run_config(tmp_path, tiny_llama_dir, tmp_path / "out"),
+            "--max_nonfinite_steps",
+            "1",
+            callbacks=[NaNAtSteps({2, 3})],
+        )
 
 
 def test_exploding_learning_rate_is_caught(tmp_path, tiny_llama_dir):
@@ -263,3 +257,21 @@ def test_remote_code_is_off_unless_set(tmp_path, tiny_llama_dir):
     saved = json.loads(json.dumps(load_config([CONFIG_FILE_FLAG, str(path)]).to_dict(), default=str))
     assert saved["trust_remote_code"] is False and saved["allow_pickle_weights"] is False
     assert "hub_token" not in saved
+
+
+def test_nan_dpo_loss_stops_the_run_like_sft(tmp_path, tiny_llama_dir):
+    # trl's DPOTrainer mixes in RunHooks: the guard sees its loss, and names it, before the gradients.
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(ROOT.joinpath("data", "dpo_sample.jsonl").read_text().splitlines(keepends=True)[:8]))
+    values = base_config(
+        tiny_llama_dir,
+        tmp_path / "out",
+        task_type="dpo",
+        train_file=str(pairs),
+        max_seq_length=96,
+        max_prompt_length=32,
+        per_device_train_batch_size=4,
+        max_steps=3,
+    )
+    with pytest.raises(NonFiniteError, match="step 2 .*the loss became NaN or infinite"):
+        train(values, callbacks=[NaNAtSteps({2})])

@@ -17,10 +17,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from component.config import CONFIG_FILE_FLAG, _field_table, load_config, load_values
+from component.config.parse import CONFIG_FILE_FLAG, _field_table
+from component.data.jsonl import read_jsonl
+from component.data.sft import check_conversation, read_conversations
 from component.errors import UserError
-from component.jsonl import read_jsonl
-from component.sft_data import check_conversation, read_conversations
+from component.training.setup import training_arguments
+from tests.runs import load_config, load_values
 
 CASES = 500
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # big reprs of big inputs
@@ -140,7 +142,8 @@ def test_config_parser_only_raises_user_errors(config_path, values, argv):
     config_path.write_text(json.dumps(values))
     argv = [CONFIG_FILE_FLAG, str(config_path), *argv]
     assert_only_user_errors(lambda: load_values(argv))
-    assert_only_user_errors(lambda: load_config(argv))
+    # The runner's first step builds TrainingArguments from it: its refusals are user errors too.
+    assert_only_user_errors(lambda: training_arguments(load_config(argv)))
 
 
 @FUZZ

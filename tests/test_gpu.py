@@ -12,12 +12,12 @@ import json
 import pytest
 import torch
 
-from component import padding_free
-from component.collator import PaddingCollator
-from component.config import load_config
-from component.loss import find_head_parts, lean_causal_lm_loss
-from component.padding_free import FLASH_ATTENTION, SEGMENT_SDPA, PaddingFreeCollator, flash_attention_usable
+from component.data.collator import PaddingCollator, PaddingFreeCollator
+from component.model import attention as padding_free
+from component.model.attention import FLASH_ATTENTION, SEGMENT_SDPA, flash_attention_usable
+from component.training.loss import find_head_parts, lean_causal_lm_loss
 from tests.conftest import base_config, write_config
+from tests.runs import load_config
 from tests.test_padding_free import examples
 from tests.tiny import tiny_model, tiny_tokenizer
 

@@ -8,12 +8,11 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, TrainingArguments
 
-from component import loss as lean
-from component.collator import PaddingCollator
-from component.loss import find_head_parts, lean_causal_lm_loss
-from component.padding_free import PaddingFreeCollator
-from component.template import IGNORE_INDEX
-from component.trainer import FinetuneTrainer
+from component.data.collator import PaddingCollator, PaddingFreeCollator
+from component.data.template import IGNORE_INDEX
+from component.training import loss as lean
+from component.training.loss import find_head_parts, lean_causal_lm_loss
+from component.training.trainer import FinetuneTrainer
 from tests.tiny import tiny_model, tiny_tokenizer
 
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -173,7 +172,7 @@ def trained_weights(tmp_path, batch_size, accumulation, lean_on, kind="llama"):
         model=model, args=args, train_dataset=examples(len(tok)), data_collator=PaddingFreeCollator(), lean_loss=lean_on
     )
     trainer.get_train_dataloader = _in_order(trainer)
-    assert (trainer.lean_parts is not None) == lean_on
+    assert (trainer.lean is not None) == lean_on
     # Gemma ties its head to the embedding: one process, so the lean loss keeps one gradient buffer for both.
     assert (trainer.tied_grad is not None) == (lean_on and kind == "gemma")
     trainer.train()

@@ -24,17 +24,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Mamba2Config, TrainerCallback
 from transformers.models.mamba import modeling_mamba
 
-from component import model as model_module
-from component import runner as runner_module
-from component.collator import PaddingCollator
-from component.config import load_config
+from component.data.collator import PaddingCollator
+from component.data.template import IGNORE_INDEX, Message, encode_messages, stop_token_ids
+from component.data.template_registry import get_template
 from component.errors import ConfigError
-from component.model import apply_lora, torch_dtype
-from component.model_types import MODEL_TYPES, model_type_info
+from component.model import loading as model_module
+from component.model.loading import apply_lora, torch_dtype
+from component.model.model_types import MODEL_TYPES, model_type_info
 from component.runner import run
-from component.sft import build_data
-from component.template import IGNORE_INDEX, Message, encode_messages, get_template, stop_token_ids
+from component.tasks.sft import build_data
+from component.training.setup import training_arguments
 from tests.conftest import ROOT, base_config, write_config
+from tests.runs import load_config
 from tests.tiny import tiny_model, tiny_tokenizer
 
 NEOX_EOS = "<|endoftext|>"
@@ -202,17 +203,6 @@ def _adapted_modules_with_grad(model) -> set[str]:
 # ---------------------------------------------------------------- which targets train
 
 
-def test_mamba_quirks_are_model_type_data():
-    info = model_type_info("mamba")
-    assert info.lora_targets == ("in_proj",)
-    assert {"dt_proj", "lm_head"} <= set(info.quantization_skip)
-    assert info.recurrent and not info.padding_free
-    assert info.recommended_dtype == "float32"
-    assert {m for m, _ in info.refused_lora_targets} == {"x_proj", "dt_proj", "out_proj", "conv1d", *TIED}
-    info2 = model_type_info("mamba2")
-    assert info2.lora_targets == ("in_proj",) and info2.recurrent and not info2.padding_free
-
-
 @pytest.mark.parametrize("module", ["out_proj", "conv1d"])
 def test_peft_refuses_out_proj_and_conv1d(mamba_dir, module):
     from peft import LoraConfig, get_peft_model
@@ -324,13 +314,11 @@ class GradRecorder(TrainerCallback):
                 self.had_grad.add(name)
 
 
-def _train(tmp_path, model_dir, monkeypatch, **overrides):
+def _train(tmp_path, model_dir, **overrides):
     recorder = GradRecorder()
-    original = runner_module.default_callbacks
-    monkeypatch.setattr(runner_module, "default_callbacks", lambda: [*original(), recorder])
     # The whole (8-conversation) set in every step, so the losses of successive steps are comparable.
     values = dict(per_device_train_batch_size=8, max_steps=8, learning_rate=2e-2)
-    trainer = run(_config(tmp_path, model_dir, **{**values, **overrides}))
+    trainer = run(_config(tmp_path, model_dir, **{**values, **overrides}), callbacks=[recorder])
     return trainer, recorder
 
 
@@ -347,7 +335,7 @@ def dead_adapters(out_dir: Path, recorder: GradRecorder) -> list[str]:
 def test_every_saved_adapter_tensor_learns(tmp_path, mamba_dir, monkeypatch, mode, checkpointing, path):
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")
-    trainer, recorder = _train(tmp_path, mamba_dir, monkeypatch, train_mode=mode, gradient_checkpointing=checkpointing)
+    trainer, recorder = _train(tmp_path, mamba_dir, train_mode=mode, gradient_checkpointing=checkpointing)
     path.check_used()
     losses = _losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
@@ -359,13 +347,13 @@ def test_dead_adapter_is_detected(tmp_path, mamba_dir, monkeypatch):
     """The check above fails when an adapter is bypassed: dt_proj's, forced past our refusal."""
     monkeypatch.setattr(model_module, "check_lora_targets", lambda *a: None)
     monkeypatch.setattr(model_module, "_cached_model_type", lambda values: None)
-    _, recorder = _train(tmp_path, mamba_dir, monkeypatch, lora_target_modules=["in_proj", "dt_proj"], max_steps=2)
+    _, recorder = _train(tmp_path, mamba_dir, lora_target_modules=["in_proj", "dt_proj"], max_steps=2)
     dead = dead_adapters(tmp_path / "out", recorder)
     assert dead and all(".dt_proj." in k for k in dead)
 
 
 def test_full_training_loss_falls(tmp_path, any_mamba_dir, monkeypatch):
-    trainer, recorder = _train(tmp_path, any_mamba_dir, monkeypatch, train_mode="full", learning_rate=3e-3)
+    trainer, recorder = _train(tmp_path, any_mamba_dir, train_mode="full", learning_rate=3e-3)
     losses = _losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -375,7 +363,7 @@ def test_full_training_loss_falls(tmp_path, any_mamba_dir, monkeypatch):
 def test_mamba2_trains_every_adapter(tmp_path, mamba2_dir, monkeypatch, mode):
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")
-    trainer, recorder = _train(tmp_path, mamba2_dir, monkeypatch, train_mode=mode)
+    trainer, recorder = _train(tmp_path, mamba2_dir, train_mode=mode)
     losses = _losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
     assert dead_adapters(tmp_path / "out", recorder) == []
@@ -395,7 +383,7 @@ def _merge(adapter_dir: Path, out_dir: Path) -> Path:
 def test_merged_lora_equals_base_plus_adapter(tmp_path, any_mamba_dir, monkeypatch):
     from peft import PeftModel
 
-    _train(tmp_path, any_mamba_dir, monkeypatch, max_steps=4)
+    _train(tmp_path, any_mamba_dir, max_steps=4)
     merged = AutoModelForCausalLM.from_pretrained(_merge(tmp_path / "out", tmp_path / "merged")).eval()
     adapted = PeftModel.from_pretrained(_model(any_mamba_dir), str(tmp_path / "out")).eval()
     ids = _ids(16)
@@ -408,7 +396,7 @@ def test_merged_lora_equals_base_plus_adapter(tmp_path, any_mamba_dir, monkeypat
 
 def test_merged_qlora_equals_trained_model(tmp_path, mamba_dir, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    trainer, _ = _train(tmp_path, mamba_dir, monkeypatch, train_mode="qlora", max_steps=4)
+    trainer, _ = _train(tmp_path, mamba_dir, train_mode="qlora", max_steps=4)
     merged = AutoModelForCausalLM.from_pretrained(_merge(tmp_path / "out", tmp_path / "merged")).eval()
     trained = trainer.model.eval()
     ids = _ids(16)
@@ -466,7 +454,6 @@ def test_gradient_accumulation_invariance(tmp_path, mamba_dir, monkeypatch, mode
         trainer, _ = _train(
             tmp_path / f"{batch}x{accumulation}",
             mamba_dir,
-            monkeypatch,
             train_mode=mode,
             lean_loss=lean_loss,
             per_device_train_batch_size=batch,
@@ -476,7 +463,7 @@ def test_gradient_accumulation_invariance(tmp_path, mamba_dir, monkeypatch, mode
             learning_rate=0.5,
             lr_scheduler_type="constant",
         )
-        assert trainer.model_accepts_loss_kwargs and (trainer.lean_parts is not None) == lean_loss
+        assert trainer.model_accepts_loss_kwargs and (trainer.lean is not None) == lean_loss
         params = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
         results.append((_losses(trainer)[0], params))
     (loss_a, params_a), (loss_b, params_b) = results
@@ -487,7 +474,7 @@ def test_gradient_accumulation_invariance(tmp_path, mamba_dir, monkeypatch, mode
 def _examples(tmp_path, model_dir, n: int = 3) -> tuple[list[dict], object]:
     config = _config(tmp_path, model_dir)
     tokenizer = model_module.load_tokenizer(config.model)
-    data = build_data(config, tokenizer)
+    data = build_data(config, training_arguments(config), tokenizer)
     rows = sorted((data.train[i] for i in range(len(data.train))), key=lambda r: len(r["input_ids"]))
     picked = [rows[0], rows[len(rows) // 2], rows[-1]][:n]
     assert len({len(r["input_ids"]) for r in picked}) == n  # really different lengths
@@ -524,7 +511,7 @@ def test_right_padded_batch_equals_each_example_alone(tmp_path, any_mamba_dir, p
 
 
 def test_mamba_batches_are_right_padded_never_packed(tmp_path, any_mamba_dir):
-    from component.sft import choose_collator
+    from component.tasks.sft import choose_collator
 
     config = _config(tmp_path, any_mamba_dir)
     tokenizer = model_module.load_tokenizer(config.model)
@@ -582,7 +569,7 @@ def test_every_training_example_ends_with_endoftext(tmp_path, mamba_dir):
     config = _config(tmp_path, mamba_dir)
     tokenizer = model_module.load_tokenizer(config.model)
     eos_id = tokenizer.convert_tokens_to_ids(NEOX_EOS)
-    data = build_data(config, tokenizer)
+    data = build_data(config, training_arguments(config), tokenizer)
     for row in data.train:
         supervised = [t for t in row["labels"] if t != IGNORE_INDEX]
         assert supervised and supervised[-1] == eos_id
@@ -597,14 +584,10 @@ def test_mamba_configs_exist():
 
 
 @pytest.mark.parametrize("config_path", MAMBA_CONFIGS, ids=lambda p: p.name)
-def test_mamba_config_values(config_path):
+def test_mamba_configs_train_in_the_recommended_dtype_and_targets(config_path):
     raw = json.loads(config_path.read_text())
     assert {"task_type", "train_mode", "fp16", "bf16"} <= set(raw)  # nothing rides on a hidden default
-    config = load_config(["--train_args_file", str(config_path)], runnable=False)
-    assert config.model.model_name_or_path.startswith("state-spaces/mamba-")
-    assert config.data.template_name == "mamba" and config.data.max_seq_length == 1024
-    assert config.method.lora_rank == 64 and config.method.lora_alpha == 16 and config.method.lora_dropout == 0.05
-    assert config.training.learning_rate == 2e-3 and config.training.num_train_epochs == 5
+    config = load_config(["--train_args_file", str(config_path)])
     # fp32, as Mamba's authors advise: no fp16/bf16 flag (the reference config's fp16 contradicted that)
     assert torch_dtype(config) == getattr(torch, MODEL_TYPES["mamba"].recommended_dtype)
     targets = config.method.lora_target_modules

@@ -13,13 +13,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from component.config import load_config
-from component.inference import load_for_inference
-from component.merge import DEFAULT_QLORA_MERGE_BASE, MERGE_BASES, probe_ids
-from component.outputs import META_FILE, read_meta
+from component.inference.generation import load_for_inference
+from component.inference.merge import DEFAULT_QLORA_MERGE_BASE, MERGE_BASES, probe_ids
 from component.runner import run
+from component.training.outputs import META_FILE, read_meta
 from script import merge_lora
 from tests.conftest import ROOT, base_config, write_config
+from tests.runs import load_config
 
 LORA_MERGE_TOLERANCE = 1e-4  # relative logit error, fp32
 
@@ -145,7 +145,7 @@ def test_existing_output_is_refused_without_force(adapters, tmp_path):
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path,  # any folder: the installed package is found without the checkout on sys.path
     )
     assert proc.returncode == 2
     assert "--output_dir" in proc.stderr and "--force" in proc.stderr

@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, MistralConfig
 
-from component import padding_free
-from component.collator import PaddingCollator
-from component.config import load_config
+from component.data.collator import PaddingCollator, PaddingFreeCollator
+from component.data.template import IGNORE_INDEX
 from component.errors import ConfigError
-from component.model import load_tokenizer
-from component.padding_free import SEGMENT_SDPA, PaddingFreeCollator, segment_bounds
-from component.sft import build_data
-from component.template import IGNORE_INDEX
+from component.model import attention as padding_free
+from component.model.attention import SEGMENT_SDPA, segment_bounds
+from component.model.loading import load_tokenizer
+from component.tasks.sft import build_data
+from component.training.setup import training_arguments
 from tests.conftest import base_config, write_config
+from tests.runs import load_config
 from tests.tiny import tiny_model, tiny_tokenizer
 
 LENGTHS = (7, 12, 5, 9)
@@ -145,7 +146,7 @@ def test_padded_batch_through_segment_sdpa_is_unchanged():
 def _data(model_dir, tmp_path, **overrides):
     path = write_config(tmp_path / "c.json", **base_config(model_dir, tmp_path / "out", **overrides))
     config = load_config(["--train_args_file", str(path)])
-    return config, build_data(config, load_tokenizer(config.model))
+    return config, build_data(config, training_arguments(config), load_tokenizer(config.model))
 
 
 def test_collator_chosen_per_model_type(tiny_llama_dir, tiny_bloom_dir, tmp_path):

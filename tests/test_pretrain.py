@@ -10,19 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from component.config import load_config
+from component.data.packing import PackedCollator, PackingMode, load_packed, pack
+from component.data.template import IGNORE_INDEX
 from component.errors import DataError
-from component.pretrain import (
-    PackedCollator,
-    PackingMode,
-    choose_collator,
-    documents_isolated,
-    load_packed,
-    pack,
-)
 from component.runner import run
-from component.template import IGNORE_INDEX
+from component.tasks.pretrain import choose_collator, documents_isolated
 from tests.conftest import ROOT, base_config, write_config
+from tests.runs import load_config
 from tests.tiny import tiny_model, tiny_tokenizer
 
 SAMPLE = ROOT / "data" / "pretrain_sample.jsonl"

@@ -5,17 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from loguru import logger
+from transformers import TrainerCallback
 
 pytest.importorskip("bitsandbytes")
 
 import bitsandbytes as bnb  # noqa: E402
 
-from component import model_types, quantization  # noqa: E402
-from component import runner as runner_module  # noqa: E402
-from component.config import load_config  # noqa: E402
-from component.model import load_qlora_base  # noqa: E402
+from component.model import model_types, quantization  # noqa: E402
+from component.model.loading import load_qlora_base  # noqa: E402
 from component.runner import run  # noqa: E402
+from component.training.setup import training_arguments  # noqa: E402
 from tests.conftest import base_config, write_config  # noqa: E402
+from tests.runs import load_config  # noqa: E402
 
 
 def _config(tmp_path, model_dir, **overrides):
@@ -27,22 +28,23 @@ def _losses(trainer) -> list[float]:
     return [r["loss"] for r in trainer.state.log_history if "loss" in r]
 
 
-def _train_with_snapshot(monkeypatch, config):
-    """Run training, keeping a copy of the model's state right after loading."""
-    snapshot = {}
-    original = runner_module.load_model
+class Snapshot(TrainerCallback):
+    """The model's state as training begins (loaded, quantized and adapted; no step taken)."""
 
-    def load_and_snapshot(cfg):
-        model = original(cfg)
-        snapshot.update({k: v.detach().clone() for k, v in model.state_dict().items()})
-        return model
+    def __init__(self):
+        self.state: dict = {}
 
-    monkeypatch.setattr(runner_module, "load_model", load_and_snapshot)
-    return run(config), snapshot
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_with_snapshot(config):
+    snapshot = Snapshot()
+    return run(config, callbacks=[snapshot]), snapshot.state
 
 
 def test_qlora_loss_falls_and_only_adapter_changes(tmp_path, tiny_llama_dir, monkeypatch):
-    trainer, before = _train_with_snapshot(monkeypatch, _config(tmp_path, tiny_llama_dir, max_steps=8))
+    trainer, before = _train_with_snapshot(_config(tmp_path, tiny_llama_dir, max_steps=8))
     model = trainer.model
     assert quantization.count_quantized(model) == 14  # 7 linear layers x 2 blocks; lm_head stays
     losses = _losses(trainer)
@@ -58,7 +60,7 @@ def test_qlora_loss_falls_and_only_adapter_changes(tmp_path, tiny_llama_dir, mon
 
 def test_qlora_with_gradient_checkpointing(tmp_path, tiny_llama_dir, monkeypatch):
     config = _config(tmp_path, tiny_llama_dir, max_steps=3, gradient_checkpointing=True)
-    trainer, before = _train_with_snapshot(monkeypatch, config)
+    trainer, before = _train_with_snapshot(config)
     after = trainer.model.state_dict()
     lora_b = [k for k in before if "lora_B" in k]
     assert all(not torch.equal(before[k], after[k]) for k in lora_b)
@@ -99,11 +101,11 @@ def test_paged_optimizer_falls_back_with_one_warning(tmp_path, tiny_llama_dir, m
     warnings: list[str] = []
     sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
     try:
-        quantization.apply_optimizer_fallback(config.training)
-        quantization.apply_optimizer_fallback(config.training)  # already replaced: no second warning
+        args = training_arguments(config)  # the runner's first step: the fallback happens, and is logged, here
+        quantization.apply_optimizer_fallback(args)  # already replaced: no second warning
     finally:
         logger.remove(sink)
-    assert config.training.optim.value == "adamw_bnb_8bit"
+    assert args.optim.value == "adamw_bnb_8bit"
     assert len(warnings) == 1 and "paged_adamw_8bit" in warnings[0]
 
 
@@ -119,7 +121,7 @@ def test_paged_optimizer_kept_where_supported(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_qlora_trains_on_gpu(tmp_path, tiny_llama_dir, monkeypatch):
     trainer, before = _train_with_snapshot(
-        monkeypatch, _config(tmp_path, tiny_llama_dir, max_steps=8, bf16=True, optim="paged_adamw_32bit")
+        _config(tmp_path, tiny_llama_dir, max_steps=8, bf16=True, optim="paged_adamw_32bit")
     )
     assert next(trainer.model.parameters()).device.type == "cuda"
     losses = _losses(trainer)

@@ -12,10 +12,9 @@ import pytest
 import torch
 from transformers import TrainerCallback, TrainerState
 
-import component.report as report
-import component.runner as runner
-import train
-from component.template import IGNORE_INDEX
+import component.training.report as report
+from component.cli import main_train
+from component.data.template import IGNORE_INDEX
 from tests.conftest import TINY_SFT, base_config, write_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -96,10 +95,9 @@ class _ReadAtSave(TrainerCallback):
         self.seen.append((got["status"], got["global_step"], path.with_name(report.PLOT_FILE).is_file()))
 
 
-def test_report_after_a_run(tmp_path, tiny_llama_dir, monkeypatch):
+def test_report_after_a_run(tmp_path, tiny_llama_dir):
     at_save = _ReadAtSave()
-    defaults = runner.default_callbacks
-    monkeypatch.setattr(runner, "default_callbacks", lambda: [*defaults(), at_save])
+    extra = [at_save]
     # 4 steps x batch 2 = exactly one epoch of the 8 examples: every token is seen once.
     config = _config(
         tmp_path,
@@ -110,7 +108,7 @@ def test_report_after_a_run(tmp_path, tiny_llama_dir, monkeypatch):
         eval_strategy="steps",
         eval_steps=2,
     )
-    assert train.main(["--train_args_file", str(config)]) == 0
+    assert main_train(["--train_args_file", str(config)], extra) == 0
     out = tmp_path / "out"
     data = json.loads((out / "data_summary.json").read_text())
     got = json.loads((out / report.REPORT_FILE).read_text())
@@ -141,12 +139,11 @@ class _Fail(TrainerCallback):
     "exc, status",
     [(RuntimeError("disk on fire"), "error: RuntimeError: disk on fire"), (KeyboardInterrupt(), "interrupted")],
 )
-def test_report_when_a_run_stops(tmp_path, tiny_llama_dir, monkeypatch, exc, status):
-    defaults = runner.default_callbacks
-    monkeypatch.setattr(runner, "default_callbacks", lambda: [*defaults(), _Fail(exc, at_step=2)])
+def test_report_when_a_run_stops(tmp_path, tiny_llama_dir, exc, status):
+    extra = [_Fail(exc, at_step=2)]
     config = _config(tmp_path, tiny_llama_dir, max_steps=6)
     with pytest.raises(type(exc)):
-        train.main(["--train_args_file", str(config)])
+        main_train(["--train_args_file", str(config)], extra)
     got = json.loads((tmp_path / "out" / report.REPORT_FILE).read_text())
     assert got["status"] == status
     assert got["global_step"] == 2 and got["examples_seen"] == 4 and got["final_loss"] is not None
@@ -159,24 +156,21 @@ class _Signal(TrainerCallback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_report_when_a_signal_stops_the_run(tmp_path, tiny_llama_dir, monkeypatch):
-    defaults = runner.default_callbacks
-    monkeypatch.setattr(runner, "default_callbacks", lambda: [*defaults(), _Signal()])
+def test_report_when_a_signal_stops_the_run(tmp_path, tiny_llama_dir):
+    extra = [_Signal()]
     config = _config(tmp_path, tiny_llama_dir, max_steps=6)
-    assert train.main(["--train_args_file", str(config)]) == 128 + signal.SIGTERM
+    assert main_train(["--train_args_file", str(config)], extra) == 128 + signal.SIGTERM
     got = json.loads((tmp_path / "out" / report.REPORT_FILE).read_text())
     assert got["status"] == "interrupted by SIGTERM; checkpoint saved"
     assert got["global_step"] == 2 and got["examples_seen"] == 4
 
 
-def test_a_resumed_run_reports_the_whole_run(tmp_path, tiny_llama_dir, monkeypatch):
-    defaults = runner.default_callbacks
-    monkeypatch.setattr(runner, "default_callbacks", lambda: [*defaults(), _Fail(RuntimeError("node lost"), 3)])
+def test_a_resumed_run_reports_the_whole_run(tmp_path, tiny_llama_dir):
+    extra = [_Fail(RuntimeError("node lost"), 3)]
     config = _config(tmp_path, tiny_llama_dir, max_steps=4, save_steps=2)
     with pytest.raises(RuntimeError):
-        train.main(["--train_args_file", str(config)])
-    monkeypatch.setattr(runner, "default_callbacks", defaults)
-    assert train.main(["--train_args_file", str(config), "--resume_from_checkpoint", "true"]) == 0
+        main_train(["--train_args_file", str(config)], extra)
+    assert main_train(["--train_args_file", str(config), "--resume_from_checkpoint", "true"]) == 0
     out = tmp_path / "out"
     data = json.loads((out / "data_summary.json").read_text())
     got = json.loads((out / report.REPORT_FILE).read_text())

@@ -17,10 +17,9 @@ from types import SimpleNamespace
 import pytest
 from loguru import logger
 
-from component.config import CONFIG_FILE_FLAG, load_config, load_values
+from component.config import CONFIG_FILE_FLAG
 from component.errors import ConfigError
-from component.outputs import META_FILE
-from component.resume import (
+from component.training.checkpoints import (
     COMPLETE_MARKER,
     checkpoint_problems,
     list_checkpoints,
@@ -28,12 +27,15 @@ from component.resume import (
     newest_complete,
     resolve_resume,
 )
+from component.training.outputs import META_FILE
 from tests.conftest import base_config, write_config
 from tests.runs import (
     SAVE_STEPS,
     STEPS,
     assert_same_run,
     final_weights,
+    load_config,
+    load_values,
     reference_run,
     run_config,
     run_with_fault,
@@ -70,7 +72,7 @@ def fake_checkpoint(out: Path, step: int, complete: bool = True) -> Path:
 def fake_config(out: Path, resume=None, overwrite=False, allow_pickle=False):
     return SimpleNamespace(
         source="cfg.json",
-        training=SimpleNamespace(output_dir=str(out)),
+        output_dir=str(out),
         method=SimpleNamespace(resume_from_checkpoint=resume, overwrite_output_dir=overwrite),
         model=SimpleNamespace(allow_pickle_weights=allow_pickle),
     )
@@ -314,7 +316,7 @@ def test_changed_settings_are_reported_on_resume(tmp_path, tiny_llama_dir, warni
     path = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, out, max_prompt_length=64))
     from component.config import save_config
 
-    save_config(load_config([CONFIG_FILE_FLAG, str(path)]), str(out))
+    save_config(load_config([CONFIG_FILE_FLAG, str(path)]).to_dict(), str(out))
     fake_checkpoint(out, 4)
     same = load_config([CONFIG_FILE_FLAG, str(path), "--resume_from_checkpoint", "true", "--save_steps", "7"])
     resolve_resume(same)

@@ -1,10 +1,10 @@
-"""script/serve.py with the official openai client, raw HTTP for malformed requests, and the CLI."""
+"""The server (component/inference/server/) with the official openai client, raw HTTP for malformed requests,
+and script/serve.py."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,10 +16,11 @@ import openai
 import pytest
 import uvicorn
 
-import train
-from component.inference import generate, load_for_inference
-from component.template import Message, generation_prompt
-from script import serve
+from component.cli import main_train
+from component.data.template import Message, generation_prompt
+from component.inference.generation import generate, load_for_inference
+from component.inference.server.app import create_app
+from component.inference.server.service import Service, context_length
 from tests.conftest import ROOT, base_config, write_config
 
 STARTUP_TIMEOUT_S = 120  # generous: the CPUs are shared; only a guard against hanging forever
@@ -42,10 +43,10 @@ def wait_until(condition, what: str, timeout: float = STARTUP_TIMEOUT_S):
 
 
 @contextmanager
-def running(service: serve.Service):
+def running(service: Service):
     """The app on a free loopback port in a thread of this process; stopped on exit."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(serve.create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -74,7 +75,7 @@ def base_model(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def server(base_model):
-    service = serve.Service(base_model, "tiny", serve.context_length(base_model, None))
+    service = Service(base_model, "tiny", context_length(base_model, None))
     with running(service) as port:
         yield port, service
 
@@ -216,7 +217,7 @@ def test_disconnect_stops_generation(base_model, stream):
             yield ""
         stopped.set()
 
-    service = serve.Service(base_model, "tiny", 512, generate_fn=endless)
+    service = Service(base_model, "tiny", 512, generate_fn=endless)
     with running(service) as port:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         body = json.dumps({"messages": PROMPT, "stream": stream})
@@ -235,15 +236,14 @@ def test_disconnect_stops_generation(base_model, stream):
 
 def test_cli_serves_a_trained_adapter_on_loopback(tmp_path, tiny_llama_dir):
     values = base_config(tiny_llama_dir, tmp_path / "run", max_steps=2, max_prompt_length=64)
-    assert train.main(["--train_args_file", str(write_config(tmp_path / "c.json", **values))]) == 0
+    assert main_train(["--train_args_file", str(write_config(tmp_path / "c.json", **values))]) == 0
     port = free_port()
     log = open(tmp_path / "serve.log", "w+")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "script" / "serve.py"), "--model", str(tmp_path / "run"), "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=env,
+        cwd=tmp_path,  # another folder, no PYTHONPATH: the installed package is found on its own
     )
     try:
 
@@ -273,7 +273,7 @@ def test_a_full_queue_gets_429(base_model):
         yield "x"
         release.wait(60)
 
-    service = serve.Service(base_model, "tiny", 512, generate_fn=held, max_queue=1)
+    service = Service(base_model, "tiny", 512, generate_fn=held, max_queue=1)
     with running(service) as port:
         first = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         first.request(

@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from component.data.sft import build_sft_dataset, read_conversations, tokenize_conversation
+from component.data.template import IGNORE_INDEX
+from component.data.template_registry import get_template
 from component.errors import DataError
-from component.sft_data import build_sft_dataset, read_conversations, tokenize_conversation
-from component.template import IGNORE_INDEX, get_template
 from tests.tiny import tiny_tokenizer
 
 

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from component.config import load_values
+from component.data.lima import Converted, convert, from_gair
 from tests.conftest import LIMA, ROOT
+from tests.runs import load_values
 
 RUN_CONFIGS = sorted(p for p in (ROOT / "train_args").glob("*.json") if not p.name.startswith("ds_"))
 
@@ -33,30 +34,20 @@ def test_shipped_config_validates(path, monkeypatch):
     assert values["output_dir"]
 
 
-def test_llama2_config_is_7b():
-    raw = json.loads((ROOT / "train_args" / "llama2-7b-sft-qlora.json").read_text())
-    assert "7b" in raw["model_name_or_path"].lower() and "13b" not in raw["model_name_or_path"].lower()
-
-
-def test_reference_hyperparameters():
-    for name in ("llama2-7b-sft-qlora.json", "gemma-2b-sft-qlora.json"):
-        raw = json.loads((ROOT / "train_args" / name).read_text())
-        assert (
-            raw["num_train_epochs"],
-            raw["learning_rate"],
-            raw["lora_rank"],
-            raw["lora_alpha"],
-            raw["lora_dropout"],
-            raw["max_seq_length"],
-        ) == (5, 1e-4, 64, 16, 0.05, 1024)
-    bloom = json.loads((ROOT / "train_args" / "bloom-1b1-sft-full.json").read_text())
-    assert (ROOT / bloom["deepspeed"]).is_file()
-
-
-def run_prepare(*args):
+def run_prepare(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, str(ROOT / "script" / "prepare_lima.py"), *args], capture_output=True, text=True
+        [sys.executable, str(ROOT / "script" / "prepare_lima.py"), *args], capture_output=True, text=True, cwd=cwd
     )
+
+
+def test_gair_rows_read_alike_for_training_and_evaluation():
+    """One reading of GAIR's turns: training drops a trailing question, evaluation keeps it as a prompt."""
+    row = {"conversations": ["q1", "a1", "q2"]}
+    assert from_gair(row) == {"conversation": [{"human": "q1", "assistant": "a1"}, {"human": "q2"}]}
+    assert convert(row) == Converted(
+        {"conversation": [{"human": "q1", "assistant": "a1"}]}, "pair 2: question without a reply; dropped"
+    )
+    assert "non-empty list of strings" in from_gair({"conversations": ["q1", 2]})
 
 
 def test_prepare_lima_gair_format_with_odd_rows(tmp_path):
@@ -69,7 +60,7 @@ def test_prepare_lima_gair_format_with_odd_rows(tmp_path):
     ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "train.jsonl"
-    proc = run_prepare("--input", str(src), "--output", str(out))
+    proc = run_prepare("--input", str(src), "--output", str(out), cwd=tmp_path)  # runs from any folder
     assert proc.returncode == 0, proc.stderr
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert got == [
@@ -82,7 +73,7 @@ def test_prepare_lima_gair_format_with_odd_rows(tmp_path):
 
 @pytest.mark.skipif(not LIMA.is_file(), reason="LIMA not present at ../shared/data/lima/train.jsonl")
 def test_prepare_lima_real_file(tmp_path):
-    from component.sft_data import read_conversations
+    from component.data.sft import read_conversations
 
     out = tmp_path / "train.jsonl"
     proc = run_prepare("--input", str(LIMA), "--output", str(out))

@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from component.config import load_config
+from component.data.template import encode, render
+from component.data.template_registry import get_template
+from component.data.tokenizer_template import AutoTemplate, resolve_template
 from component.errors import ConfigError
-from component.sft import build_data
-from component.template import AutoTemplate, encode, get_template, render, resolve_template
+from component.tasks.sft import build_data
+from component.training.setup import training_arguments
 from tests.conftest import base_config, write_config
+from tests.runs import load_config
 from tests.test_templates_parity import CASES
 
 TOKENIZERS = Path(__file__).parent / "assets" / "tokenizers"
@@ -57,13 +60,13 @@ def test_build_data_resolves_auto_and_missing_template_name(tmp_path, tiny_llama
     config = load_config(["--train_args_file", str(write_config(tmp_path / "c.json", **values))])
     if not tok.chat_template:
         with pytest.raises(ConfigError, match="template_name"):
-            build_data(config, tok)
+            build_data(config, training_arguments(config), tok)
     tok.chat_template = official("smollm2").chat_template
-    data = build_data(config, tok)
+    data = build_data(config, training_arguments(config), tok)
     named = load_config(
         ["--train_args_file", str(write_config(tmp_path / "n.json", **{**values, "template_name": "smollm"}))]
     )
-    assert data.train["labels"] == build_data(named, tok).train["labels"]
+    assert data.train["labels"] == build_data(named, training_arguments(named), tok).train["labels"]
     assert data.summary.supervised_tokens > 0
 
 

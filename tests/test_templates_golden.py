@@ -12,22 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from component.errors import ConfigError
-from component.template import (
+from component.data.template import (
     IGNORE_INDEX,
-    TEMPLATES,
     Message,
     TemplateError,
     conversation_messages,
     encode,
     generation_prompt,
-    get_template,
-    pad_eos_note,
     render,
-    resolve_template,
     stop_token_ids,
-    template_token_problems,
 )
+from component.data.template_registry import TEMPLATES, get_template
+from component.data.tokenizer_template import pad_eos_note, resolve_template, template_token_problems
+from component.errors import ConfigError
 from tests.assets.build_golden import golden, golden_tokenizer
 from tests.tiny import tiny_tokenizer
 

@@ -1,4 +1,4 @@
-"""script/inspect_data.py on a tiny config: marked examples, the report, and the dump."""
+"""script/inspect_data.py (component/data/inspection.py) on a tiny config: marked examples, the report, the dump."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from component.sft_data import read_conversations
-from component.template import IGNORE_INDEX
+from component.data.sft import read_conversations
+from component.data.template import IGNORE_INDEX
 from script import inspect_data
 from tests.conftest import TINY_SFT, base_config, write_config
 
@@ -32,7 +32,8 @@ def test_marks_supervised_text_and_reports(config_file, tmp_path, monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_model)
     out = io.StringIO()
     dump = tmp_path / "d.jsonl"
-    inspect_data.run(["--train_args_file", str(config_file), "--index", "1", "--num", "2", "--dump", str(dump)], out)
+    argv = ["--train_args_file", str(config_file), "--index", "1", "--num", "2", "--dump", str(dump)]
+    assert inspect_data.main(argv, out) == 0
     text = out.getvalue()
     first = read_conversations(str(TINY_SFT)).records[1]["conversation"][0]["assistant"]
     assert f"[[{first}<|im_end|>]]" in text
@@ -47,7 +48,7 @@ def test_marks_supervised_text_and_reports(config_file, tmp_path, monkeypatch):
 
 def test_colour_on_a_terminal_and_the_truncation_cut(config_file):
     out = Tty()
-    inspect_data.run(["--train_args_file", str(config_file), "--num", "8", "--max_seq_length", "20"], out)
+    assert inspect_data.main(["--train_args_file", str(config_file), "--num", "8", "--max_seq_length", "20"], out) == 0
     text = out.getvalue()
     assert "\033[32m" in text and "[[" not in text
     assert "✂ cut here" in text and "DROPPED: no supervised token left" in text and "truncated:" in text

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from component.template import IGNORE_INDEX, Message, encode, generation_prompt, get_template, render
+from component.data.template import IGNORE_INDEX, Message, encode, generation_prompt, render
+from component.data.template_registry import get_template
 from tests.tiny import tiny_tokenizer
 
 ASSETS = Path(__file__).parent / "assets"

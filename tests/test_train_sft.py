@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from component.config import load_config
-from component.outputs import read_meta
 from component.runner import run
+from component.training.outputs import read_meta
 from tests.conftest import base_config, write_config
+from tests.runs import load_config
 
 
 def train(tmp_path, model_dir, name="out", **overrides):

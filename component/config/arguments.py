@@ -66,7 +66,9 @@ class DataArguments:
     )
     template_name: Optional[str] = field(
         default=None,
-        metadata={"help": "Chat template (see component/template.py), or 'auto' for the tokenizer's own."},
+        metadata={
+            "help": "Chat template (see component/data/template_registry.py), or 'auto' for the tokenizer's own."
+        },
     )
     max_seq_length: int = field(default=1024, metadata={"help": "Longest tokenized example; longer ones are cut."})
     max_prompt_length: int = field(
@@ -81,7 +83,7 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Concatenate each batch into one row without padding; None: on where the model "
-            "type is verified for it (component/model_types.py), off for recurrent models."
+            "type is verified for it (component/model/model_types.py), off for recurrent models."
         },
     )
     data_cache_dir: Optional[str] = field(
@@ -126,7 +128,7 @@ class MethodArguments:
     lean_loss: bool = field(
         default=True,
         metadata={
-            "help": "Apply the output head only where labels are set, in chunks (component/loss.py); "
+            "help": "Apply the output head only where labels are set, in chunks (component/training/loss.py); "
             "false: the model's own full-logits loss."
         },
     )

@@ -7,7 +7,6 @@ wrong type) and returned as a list, so that one error names all of them.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import json
 import types
@@ -21,10 +20,28 @@ from component.errors import ConfigError
 CONFIG_FILE_FLAG = "--train_args_file"
 
 
-def suggest(name: str, known, cutoff: float = 0.6) -> Optional[str]:
-    """The closest known name (difflib's ratio), or None: the one did-you-mean of the project."""
-    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=cutoff)
-    return close[0] if close else None
+def suggest(name: str, known) -> Optional[str]:
+    """The closest known name, if close: the one did-you-mean of the project (keys, templates, task types).
+
+    Ours, not difflib's: difflib's ratio counts no swap of two letters, so for 'chatlm' it
+    offers 'chatglm3' over 'chatml' (tests/test_config.py::test_bad_choices_and_unknown_template).
+    """
+    lowered = name.lower()
+    best = min(sorted(known), key=lambda k: (_edit_distance(lowered, k.lower()), k), default=None)
+    if best is None or _edit_distance(lowered, best.lower()) > max(1, len(name) // 3):
+        return None
+    return best
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions, adjacent swaps."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
 
 
 def _field_table() -> dict[str, tuple[type, dataclasses.Field]]:
@@ -220,5 +237,3 @@ def merge_sources(
         except json.JSONDecodeError:
             problems.append(f"{where}: {_type_error_text(value, 'a JSON list')}")
     return merged, problems
-
-

@@ -40,6 +40,8 @@ class PaddingCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+# Ours stays over transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True): the batches are
+# identical (tests/test_library_parity.py), but it collates ~15% slower (0.47 vs 0.41 s per 1000 batches of 8).
 @dataclass
 class PaddingFreeCollator:
     """Concatenates a batch of {input_ids, labels} into one row without padding.

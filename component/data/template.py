@@ -114,7 +114,6 @@ def _fill(fmt: str, tokenizer, content: str = "", system: str = "", idx: int = 0
     return out.replace("\0system\0", system).replace("\0content\0", content)
 
 
-
 # ---------------------------------------------------------------- rendering
 
 
@@ -127,9 +126,7 @@ def conversation_messages(conversation: Sequence[dict], system: Optional[str] = 
     return messages
 
 
-def render(
-    template, tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False
-) -> Rendered:
+def render(template, tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> Rendered:
     """Render messages to text, recording the supervised spans (assistant replies + end-of-turn)."""
     if not isinstance(template, Template):  # the tokenizer's own template renders itself
         return template.render(tokenizer, messages, add_generation_prompt)
@@ -245,5 +242,3 @@ def stop_token_ids(template, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
-
-

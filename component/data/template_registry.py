@@ -366,5 +366,5 @@ def get_template(name: str) -> Template:
 
 
 def suggest_template(name: str) -> Optional[str]:
-    """The closest template name, if close (component.config.suggest, case-insensitive)."""
-    return suggest(name.lower(), TEMPLATES)
+    """The closest template name, if close (component.config.suggest)."""
+    return suggest(name, TEMPLATES)

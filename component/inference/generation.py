@@ -177,6 +177,25 @@ def load_for_inference(
     return LoadedModel(model, tokenizer, template, name)
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What chat, serve and evaluate are told to load (their shared flags), before it is loaded."""
+
+    model: Optional[str]
+    """Full or merged model folder, hub id or .gguf; with `adapter`, the base model (an adapter folder alone works)."""
+    adapter: Optional[str] = None
+    """LoRA/QLoRA adapter folder to apply to `model`."""
+    template: Optional[str] = None
+    """Chat template name; None: the one recorded at training time."""
+    dtype: str = "fp32"
+    """One of DTYPES."""
+    load_in_4bit: bool = False
+    """Load the base model in 4-bit NF4 (bitsandbytes)."""
+
+    def load(self) -> LoadedModel:
+        return load_for_inference(self.model, self.adapter, self.template, self.dtype, self.load_in_4bit)
+
+
 # ---------------------------------------------------------------- generating
 
 

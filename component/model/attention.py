@@ -177,7 +177,6 @@ def register_attention() -> None:
     AttentionMaskInterface.register(SEGMENT_SDPA, segment_sdpa_mask)
 
 
-
 # ---------------------------------------------------------------- choices
 
 

@@ -67,7 +67,7 @@ def load_base_model(args: ModelArguments, dtype: torch.dtype, **extra) -> PreTra
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if not loc.gguf_file and not args.allow_pickle_weights:
-        kwargs["use_safetensors"] = True  # a pickled .bin can run code on load (component/resume.py)
+        kwargs["use_safetensors"] = True  # a pickled .bin can run code on load (component/model/weights.py)
     model = AutoModelForCausalLM.from_pretrained(loc.path, **kwargs)
     if loc.gguf_file:
         detach_gguf_quantizer(model)
@@ -121,7 +121,6 @@ def check_lora_target_values(values: dict) -> list[str]:
         return []
     model_type = _cached_model_type(values)
     return lora_target_problems(model_type, values["lora_target_modules"]) if model_type else []
-
 
 
 def apply_lora(model: PreTrainedModel, config: Config):

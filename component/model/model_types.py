@@ -31,12 +31,12 @@ class ModelTypeInfo:
     recommended_dtype: Optional[str] = None
     """Precision that is known to train well; None: whatever the config says."""
     padding_free_attention: Optional[str] = "segment_sdpa"
-    """Attention for padding-free batches without flash-attention (component/padding_free.py);
+    """Attention for padding-free batches without flash-attention (component/model/attention.py);
     None keeps transformers' default, which masks the packed row densely (correct, slower)."""
     flash_attention: bool = True
     """flash_attention_2's varlen path may serve padding-free batches on a GPU."""
     lean_loss: bool = True
-    """The output head may be applied to labelled positions only (component/loss.py)."""
+    """The output head may be applied to labelled positions only (component/training/loss.py)."""
 
 
 DEFAULT_INFO = ModelTypeInfo()

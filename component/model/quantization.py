@@ -8,8 +8,8 @@ chooses (fp32, fp16 or bf16). Modules that must stay unquantized are data in
 Under torchrun each rank loads its own copy on its own GPU (`LOCAL_RANK`);
 on the CPU the model stays on the CPU, where bitsandbytes >= 0.49 runs 4-bit.
 
-`dequantized_weights` returns exactly the weights the 4-bit layers compute
-with; merging a QLoRA adapter into them reproduces the trained model.
+Merging dequantizes with transformers' `PreTrainedModel.dequantize()`, which
+calls the same bitsandbytes `dequantize_4bit` the 4-bit layers compute with.
 """
 
 from __future__ import annotations
@@ -110,18 +110,6 @@ def is_quantized_linear(module: torch.nn.Module) -> bool:
     import bitsandbytes as bnb
 
     return isinstance(module, bnb.nn.Linear4bit)
-
-
-def dequantized_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Module name -> the fp32 weight each 4-bit layer actually computes with."""
-    import bitsandbytes.functional as bnbf
-
-    out = {}
-    for name, module in model.named_modules():
-        if is_quantized_linear(module):
-            weight = module.weight
-            out[name] = bnbf.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
-    return out
 
 
 def keep_training_matmul(model: torch.nn.Module) -> None:

@@ -11,6 +11,7 @@ every step, as in SFT.
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 from transformers import TrainingArguments
@@ -23,7 +24,10 @@ from component.tasks.task import Task
 from component.training.setup import training_arguments
 from component.training.trainer import RunHooks
 
-# trl 1.16's DPO loss types (DPOTrainer._compute_loss).
+TELEMETRY_ENV = "HF_HUB_DISABLE_TELEMETRY"  # huggingface_hub's opt-out, which trl's ping honours
+
+# Ours stays: trl 1.16 exposes no list (DPOConfig.loss_type is a plain list[str]; DPOTrainer rejects an unknown
+# name only at the first loss, after output_dir exists). tests/test_library_parity.py keeps the two equal.
 DPO_LOSS_TYPES = (
     "sigmoid",
     "hinge",
@@ -61,21 +65,18 @@ def dpo_arguments(config: Config):
     from trl import DPOConfig
 
     method = config.method
-
-    def make(**kwargs):
-        return DPOConfig(
-            **kwargs,
-            beta=method.dpo_beta,
-            loss_type=list(method.dpo_loss_type),
-            loss_weights=method.dpo_loss_weights,
-            label_smoothing=method.dpo_label_smoothing,
-            precompute_ref_log_probs=method.dpo_precompute_ref_log_probs,
-            max_length=config.data.max_seq_length,  # pairs already fit: trl's collator never cuts
-            dataset_num_proc=config.data.tokenize_num_workers,
-            trust_remote_code=config.model.trust_remote_code,
-        )
-
-    return training_arguments(config, make)
+    return training_arguments(
+        config,
+        DPOConfig,
+        beta=method.dpo_beta,
+        loss_type=list(method.dpo_loss_type),
+        loss_weights=method.dpo_loss_weights,
+        label_smoothing=method.dpo_label_smoothing,
+        precompute_ref_log_probs=method.dpo_precompute_ref_log_probs,
+        max_length=config.data.max_seq_length,  # pairs already fit: trl's collator never cuts
+        dataset_num_proc=config.data.tokenize_num_workers,
+        trust_remote_code=config.model.trust_remote_code,
+    )
 
 
 def frozen_copy(config: Config, model):
@@ -117,13 +118,25 @@ def _trainer_class():
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
-        def _send_telemetry(self):
-            """No usage ping: we never contact a remote service unasked."""
-
     return PreferenceTrainer
 
 
+def disable_telemetry() -> None:
+    """No usage ping from trl's trainers: we never contact a remote service unasked.
+
+    trl pings from its trainer's constructor through huggingface_hub's `send_telemetry`,
+    which `HF_HUB_DISABLE_TELEMETRY` turns off. The variable reaches every process the
+    run starts; this process read it once, when transformers imported huggingface_hub,
+    so the constant `send_telemetry` checks is set as well.
+    """
+    from huggingface_hub import constants
+
+    os.environ[TELEMETRY_ENV] = "1"
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+
+
 def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callbacks=()):
+    disable_telemetry()  # before trl's constructor, which sends the ping
     ref_model = None
     if config.method.train_mode == "full" and not args.precompute_ref_log_probs:
         ref_model = frozen_copy(config, model)

@@ -19,7 +19,12 @@ from component.training.distributed import deepspeed_problems
 TASKS: dict[str, Task] = {task.name: task for task in (sft.TASK, pretrain.TASK, dpo.TASK)}
 DEFAULT_TASK = "sft"
 # Checks that need a layer above the config: template names, model files and types, DeepSpeed files.
-SHARED_CHECKS: tuple[Check, ...] = (check_template_name, check_model_pickles, check_lora_target_values, deepspeed_problems)
+SHARED_CHECKS: tuple[Check, ...] = (
+    check_template_name,
+    check_model_pickles,
+    check_lora_target_values,
+    deepspeed_problems,
+)
 
 
 def check_task_type(values: dict[str, Any]) -> list[str]:

@@ -5,7 +5,7 @@ killed while saving leaves a folder that looks like a checkpoint but is not one.
 `FinetuneTrainer` therefore writes `checkpoint_complete.json` (every file with its
 size) only after the whole checkpoint is on disk, on every rank. A checkpoint is
 complete when that marker is there, every file it lists has the recorded size and
-each safetensors file's header matches its length. Resuming never takes an
+each safetensors file opens with safetensors' own checks. Resuming never takes an
 incomplete checkpoint: `resume_from_checkpoint: true` skips it, with a warning, in
 favour of the newest complete one.
 
@@ -21,12 +21,12 @@ import json
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 from loguru import logger
+from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -39,7 +39,6 @@ CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 COMPLETE_MARKER = "checkpoint_complete.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 SAFETENSORS_SUFFIX = ".safetensors"
-SAFETENSORS_HEADER_BYTES = 8
 RESUME_FLAG = "--resume_from_checkpoint"
 # Settings that may change between a run and its resumption without changing what it computes.
 RESUME_NEUTRAL_KEYS = frozenset(
@@ -98,21 +97,17 @@ def mark_complete(folder: str | Path, step: int) -> Path:
 
 
 def safetensors_problem(path: Path) -> Optional[str]:
-    """Why a safetensors file is unusable (truncated, bad header), or None; reads the header only."""
-    size = path.stat().st_size
+    """Why a safetensors file is unusable (truncated, bad header), or None; reads the header only.
+
+    safetensors' own open validates exactly what its loader will: the header
+    parses, every tensor's offsets fit its dtype and shape, and the data covers
+    the file to its last byte (so a truncated or extended file fails).
+    """
     try:
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(SAFETENSORS_HEADER_BYTES))
-            if header_len > size:
-                return f"{path.name}: header length {header_len} exceeds the file size {size}"
-            header = json.loads(f.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        return f"{path.name}: not a readable safetensors file"
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
-    expected = SAFETENSORS_HEADER_BYTES + header_len + max(ends, default=0)
-    if expected != size:
-        return f"{path.name}: {size} bytes, its header needs {expected} (truncated?)"
-    return None
+        with safe_open(path, framework="pt"):
+            return None
+    except SafetensorError as exc:
+        return f"{path.name} ({path.stat().st_size} bytes): {exc}"
 
 
 def checkpoint_problems(folder: str | Path) -> list[str]:
@@ -189,7 +184,7 @@ def _explicit_checkpoint(config, value: str) -> Path:
     return path
 
 
-def changed_settings(config, training_args) -> list[str]:
+def changed_settings(config, training_args=None) -> list[str]:
     """Settings that differ from the run being resumed (its saved config), as `key: old -> new`."""
     saved_path = Path(config.output_dir) / RESOLVED_CONFIG_NAME
     try:
@@ -204,7 +199,7 @@ def changed_settings(config, training_args) -> list[str]:
     ]
 
 
-def resolve_resume(config, training_args) -> Optional[str]:
+def resolve_resume(config, training_args=None) -> Optional[str]:
     """The checkpoint to resume from, or None for a fresh run; raises ConfigError with the way out."""
     value = config.method.resume_from_checkpoint
     out = config.output_dir

@@ -12,7 +12,7 @@ Errors of TrainingArguments' own checks come back as a ConfigError naming the fi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from typing import Any
 
 import torch
@@ -34,12 +34,33 @@ def machine_kwargs(config: Config) -> dict[str, Any]:
     return distributed.prepare_training_kwargs(kwargs, config.method.train_mode)
 
 
-def training_arguments(config: Config, make: Callable[..., TrainingArguments] = TrainingArguments) -> TrainingArguments:
-    """Build the run's TrainingArguments (or a subclass, through `make`): process state, devices, optimizer."""
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def restored_defaults(cls: type[TrainingArguments]) -> dict[str, Any]:
+    """TrainingArguments' own defaults for the fields a subclass (trl's DPOConfig) gives other defaults.
+
+    A config means the same in every task: trl's DPOConfig would otherwise turn on bf16 and gradient
+    checkpointing and set the learning rate to 1e-6 for every value the config leaves out.
+    """
+    base = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    return {
+        f.name: _default(base[f.name])
+        for f in dataclasses.fields(cls)
+        if f.name in base and _default(f) != _default(base[f.name])
+    }
+
+
+def training_arguments(
+    config: Config, cls: type[TrainingArguments] = TrainingArguments, **extra: Any
+) -> TrainingArguments:
+    """Build the run's TrainingArguments, or the task's subclass with its `extra` options: process state,
+    devices, optimizer."""
     distributed.emulate_launch_for_deepspeed(config.training.get("deepspeed"))  # plain `python train.py`
     try:
-        args = make(**machine_kwargs(config))
-    except (ValueError, TypeError, ImportError) as exc:
+        args = cls(**{**restored_defaults(cls), **machine_kwargs(config), **extra})
+    except (ValueError, TypeError, ImportError, OverflowError) as exc:  # OverflowError: a huge ddp_timeout
         raise ConfigError(f"{config.source}: invalid training arguments: {exc}") from None
     apply_optimizer_fallback(args)
     return args

@@ -33,7 +33,7 @@ class RunHooks:
     """Mixin for a transformers Trainer (ours or trl's): the run's callbacks, held by name, fed every step.
 
     Keyword arguments on top of the Trainer's: `max_nonfinite_steps` for the guard, and
-    `callbacks`, extra ones (tests, benchmarks), added after ours.
+    `callbacks`, extra ones (tests, benchmarks), run after the report and before the safety callbacks.
     """
 
     def __init__(self, *args, max_nonfinite_steps: int = 0, callbacks: Sequence[TrainerCallback] = (), **kwargs):
@@ -41,10 +41,11 @@ class RunHooks:
         self.interrupt = InterruptCallback()
         self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
         self.checkpoint_marker = CheckpointMarker()
-        # The report goes first: it adds tokens/s to the logs the others show. The interrupt callback asks
-        # for a save at step end; the marker then clears the completion mark of the folder about to be written.
-        own = [self.run_report, LogCallback(), self.interrupt, self.nonfinite_guard, self.checkpoint_marker]
-        super().__init__(*args, callbacks=[*own, *callbacks], **kwargs)
+        # The report goes first: it adds tokens/s to the logs the others show. Extra callbacks see the report
+        # and the log of a step, and act before the safety callbacks do. The interrupt callback asks for a save
+        # at step end; the marker then clears the completion mark of the folder about to be written.
+        safety = [self.interrupt, self.nonfinite_guard, self.checkpoint_marker]
+        super().__init__(*args, callbacks=[self.run_report, LogCallback(), *callbacks, *safety], **kwargs)
         self.checkpoint_marker.take_rotation(self.args)
 
     def training_step(self, model, inputs, *args, **kwargs):

@@ -33,7 +33,8 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from component.template import Message, get_template, render  # noqa: E402
+from component.data.template import Message, render  # noqa: E402
+from component.data.template_registry import get_template  # noqa: E402
 
 HERE = Path(__file__).parent
 OUT = HERE / "tokenizers"

@@ -2,7 +2,7 @@
 
 The tokenizer is tests/tiny.py's in-process BPE (EOS '</s>', or '<|endoftext|>' for mamba), with the
 template's markup tokens added as special tokens. Review the diff of the JSON before committing it:
-the strings are the templates' formats, which came from the sources named in component/template.py.
+the strings are the templates' formats, which came from the sources named in component/data/template_registry.py.
 Usage: python tests/assets/build_golden.py
 """
 
@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from component.template import TEMPLATES, conversation_messages, encode, render  # noqa: E402
+from component.data.template_registry import TEMPLATES  # noqa: E402
+from component.data.template import conversation_messages, encode, render  # noqa: E402
 from tests.tiny import tiny_tokenizer  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden_templates.json"

@@ -1,0 +1,136 @@
+"""Seeing what training sees: rendered SFT examples with the supervised text marked, and the data report.
+
+The examples go through the same template, tokenization and truncation as
+training. Supervised text (each assistant reply and its end-of-turn token) is
+shown in green on a terminal, or between [[ and ]] otherwise; where an example
+is cut at max_seq_length, a ✂ marks the cut and the text after it is left out.
+The report gives examples, tokens, supervised tokens, truncated and dropped
+examples, and a length histogram. Loading the config and the tokenizer is the
+caller's (component/cli.py), so this module stays in the data layer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional, TextIO
+
+from component.config import Config
+from component.data.sft import DataSummary, build_sft_dataset, read_conversations, truncate
+from component.data.template import IGNORE_INDEX, conversation_messages, encode, render
+from component.data.tokenizer_template import resolve_template
+
+GREEN, RESET = "\033[32m", "\033[0m"
+OPEN, CLOSE = "[[", "]]"
+CUT = "✂"
+HISTOGRAM_BINS = 8
+BAR_WIDTH = 40
+COLOR_CHOICES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """Which examples to show, how, and where to dump the tokenized training set."""
+
+    index: int = 0
+    """First example to show (0-based line of valid examples)."""
+    num: int = 3
+    """How many examples to show."""
+    dump: Optional[str] = None
+    """Write input_ids and labels of every training example to this JSONL file."""
+    color: Literal["auto", "always", "never"] = "auto"
+    """auto: colour on a terminal, [[ ]] marks elsewhere."""
+
+
+def marked_text(text: str, offsets, labels, kept: int, color: bool) -> str:
+    """The rendered text with supervised characters marked and the truncation point shown."""
+    sup = [False] * len(text)
+    for (start, end), lab in zip(offsets[:kept], labels[:kept], strict=True):
+        if lab != IGNORE_INDEX:
+            sup[start:end] = [True] * (end - start)
+    cut_at = offsets[kept - 1][1] if kept < len(offsets) else None
+    opening, closing = (GREEN, RESET) if color else (OPEN, CLOSE)
+    out, inside = [], False
+    for i, ch in enumerate(text):
+        if i == cut_at:
+            dropped = len(offsets) - kept
+            out.append((closing if inside else "") + f"{CUT} cut here: {dropped} more tokens are not trained on")
+            return "".join(out)
+        if sup[i] != inside:
+            out.append(opening if sup[i] else closing)
+            inside = sup[i]
+        out.append(ch)
+    return "".join(out) + (closing if inside else "")
+
+
+def show_example(n: int, record: dict, template, tokenizer, max_len: int, color: bool) -> str:
+    rendered = render(template, tokenizer, conversation_messages(record["conversation"], record.get("system")))
+    full = encode(tokenizer, rendered)
+    kept, was_cut = truncate(full, max_len)
+    offsets = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    supervised = sum(1 for x in kept.labels if x != IGNORE_INDEX)
+    status = "DROPPED: no supervised token left" if supervised == 0 else ("truncated" if was_cut else "kept whole")
+    header = (
+        f"── example {n}: {len(kept.input_ids)} tokens"
+        f"{f' (of {len(full.input_ids)})' if was_cut else ''}, {supervised} supervised, {status}"
+    )
+    return header + "\n" + marked_text(rendered.text, offsets, kept.labels, len(kept.input_ids), color)
+
+
+def histogram(lengths: list[int], max_len: int) -> list[str]:
+    width = max(1, -(-max_len // HISTOGRAM_BINS))
+    counts = [0] * HISTOGRAM_BINS
+    for n in lengths:
+        counts[min((n - 1) // width, HISTOGRAM_BINS - 1)] += 1
+    top = max(counts) or 1
+    lines = []
+    for i, c in enumerate(counts):
+        lo, hi = i * width + 1, min((i + 1) * width, max_len)
+        lines.append(f"  {lo:>6}-{hi:<6} {c:>6} {'#' * round(BAR_WIDTH * c / top)}")
+    return lines
+
+
+def report(summary: DataSummary, lengths: list[int], max_len: int) -> str:
+    lines = [
+        "── data report",
+        f"  examples:           {summary.examples}",
+        f"  tokens:             {summary.tokens}",
+        f"  supervised tokens:  {summary.supervised_tokens}"
+        f" ({100 * summary.supervised_tokens / max(summary.tokens, 1):.1f}%)",
+        f"  truncated:          {summary.truncated} (at max_seq_length {max_len})",
+        f"  dropped:            {summary.dropped_no_supervised} (no supervised token after truncation)",
+        f"  invalid lines:      {summary.invalid_lines}",
+        "  length histogram (tokens per example):",
+    ]
+    return "\n".join(lines + histogram(lengths, max_len))
+
+
+def dump(dataset, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for ids, labels in zip(dataset["input_ids"], dataset["labels"], strict=True):
+            f.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+
+
+def show_sft_data(config: Config, tokenizer, options: InspectOptions, out: Optional[TextIO] = None) -> None:
+    """Write the template's stop token, the chosen examples marked, and the report to `out`."""
+    out = out or sys.stdout
+    template = resolve_template(config.data.template_name, tokenizer, config.model.model_name_or_path)
+    color = options.color == "always" or (options.color == "auto" and out.isatty())
+    data = config.data
+    stop = template.stop_text(tokenizer)
+    out.write(
+        f"template {template.name!r}: stop token {stop!r} (id {tokenizer.convert_tokens_to_ids(stop)}); "
+        f"source: {template.source}\n"
+    )
+    records = read_conversations(data.train_file, data.skip_invalid_examples, template).records
+    for n in range(options.index, min(options.index + options.num, len(records))):
+        out.write(show_example(n, records[n], template, tokenizer, data.max_seq_length, color) + "\n")
+    built = build_sft_dataset(
+        data.train_file, template, tokenizer, data.max_seq_length, skip_invalid=data.skip_invalid_examples
+    )
+    lengths = [len(x) for x in built.dataset["input_ids"]]
+    out.write(report(built.summary, lengths, data.max_seq_length) + "\n")
+    if options.dump:
+        dump(built.dataset, options.dump)
+        out.write(f"wrote {len(lengths)} examples to {options.dump}\n")

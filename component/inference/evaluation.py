@@ -1,0 +1,300 @@
+"""Evaluating a trained model on an SFT-format file: loss, perplexity, and replies.
+
+Loss is the mean cross-entropy over the supervised tokens (the assistant replies
+and their end-of-turn tokens), tokenized, masked and truncated by the very
+functions training uses (component/data/sft.py), with the run's saved
+template. Perplexity is exp(loss).
+
+Replies (`generate_to`): each conversation's last user message is answered and
+one JSON line per conversation is written: the prompt messages, the reply, and
+the reference reply when the file has one. A line whose last turn has no
+"assistant" key is a prompt only: it is answered but has no loss. GAIR's LIMA
+format is read too (component/data/lima.py), so LIMA's test prompts work as
+they are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, TextIO, Union
+
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from tqdm import tqdm
+from transformers import GenerationConfig
+
+from component.data.collator import PaddingCollator
+from component.data.jsonl import raise_problems, read_jsonl
+from component.data.lima import GAIR_KEY, from_gair
+from component.data.sft import check_conversation, tokenize_conversation
+from component.data.template import IGNORE_INDEX, Message, conversation_messages, generation_prompt, stop_token_ids
+from component.errors import DataError, UserError
+from component.inference.generation import LoadedModel, ModelSource
+from component.model.model_types import model_type_info
+from component.training.outputs import read_meta
+
+DEFAULT_MAX_SEQ_LENGTH = 1024
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_NEW_TOKENS = 256
+PROMPT_ONLY_PLACEHOLDER = "-"  # stands in for a missing last reply while a line is checked
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class EvalRecord:
+    """One conversation; `has_reply` is False when its last turn is a prompt to answer."""
+
+    conversation: list[dict]
+    system: Optional[str]
+    has_reply: bool
+
+
+def check_eval_line(obj: Any) -> Union[EvalRecord, str]:
+    """Our SFT format, where the last turn may omit "assistant" (a prompt only), or GAIR's."""
+    if isinstance(obj, dict) and GAIR_KEY in obj and "conversation" not in obj:
+        obj = from_gair(obj)
+        if isinstance(obj, str):
+            return obj
+    conv = obj.get("conversation") if isinstance(obj, dict) else None
+    prompt_only = isinstance(conv, list) and conv and isinstance(conv[-1], dict) and "assistant" not in conv[-1]
+    if prompt_only:
+        obj = {**obj, "conversation": [*conv[:-1], {**conv[-1], "assistant": PROMPT_ONLY_PLACEHOLDER}]}
+    checked = check_conversation(obj)
+    if isinstance(checked, str):
+        return checked
+    turns = list(checked["conversation"])
+    if prompt_only:
+        turns[-1] = {"human": turns[-1]["human"]}
+    return EvalRecord(turns, checked["system"], not prompt_only)
+
+
+def read_eval_file(path: str) -> list[EvalRecord]:
+    result = read_jsonl(path, check_eval_line)
+    raise_problems(path, result.problems)
+    if not result.records:
+        raise DataError(f"{path}: no conversations")
+    return result.records
+
+
+# ---------------------------------------------------------------- loss
+
+
+@dataclass
+class LossResult:
+    examples: int
+    dropped_no_supervised: int
+    truncated: int
+    supervised_tokens: int
+    loss: Optional[float]
+    perplexity: Optional[float]
+
+
+def tokenize_for_loss(records: Sequence[EvalRecord], loaded: LoadedModel, max_len: int) -> tuple[list[dict], int]:
+    """Tokenized examples, as training tokenizes them, and how many were truncated."""
+    examples, truncated = [], 0
+    for r in records:
+        if r.has_reply:
+            row = tokenize_conversation(
+                {"conversation": r.conversation, "system": r.system}, loaded.template, loaded.tokenizer, max_len
+            )
+            truncated += row["truncated"]
+            examples.append(row)
+    return examples, truncated
+
+
+def summed_nll(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Sum of next-token NLL over supervised positions, and their count (as the training loss shifts)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    logits = logits[:, :-1].float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return nll.item(), int((targets != IGNORE_INDEX).sum())
+
+
+def batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def evaluate_loss(records: Sequence[EvalRecord], loaded: LoadedModel, max_len: int, batch_size: int) -> LossResult:
+    examples, truncated = tokenize_for_loss(records, loaded, max_len)
+    kept = [e for e in examples if e["num_supervised"] > 0]
+    # Longest first: batches of similar length waste less padding, and memory trouble shows at once.
+    kept.sort(key=lambda e: len(e["input_ids"]), reverse=True)
+    collate = PaddingCollator(loaded.tokenizer.pad_token_id)
+    device = next(loaded.model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for group in tqdm(list(batches(kept, batch_size)), desc="Loss", unit="batch", disable=not kept):
+            batch = {k: v.to(device) for k, v in collate(list(group)).items()}
+            nll, n = summed_nll(loaded.model, batch)
+            total, count = total + nll, count + n
+    loss = total / count if count else None
+    return LossResult(
+        examples=len(kept),
+        dropped_no_supervised=len(examples) - len(kept),
+        truncated=truncated,
+        supervised_tokens=count,
+        loss=loss,
+        perplexity=math.exp(loss) if loss is not None else None,
+    )
+
+
+# ---------------------------------------------------------------- generating
+
+
+def prompt_messages(record: EvalRecord) -> list[Message]:
+    """The conversation up to its last user message."""
+    turns = record.conversation
+    messages = conversation_messages(turns[:-1], record.system)
+    return [*messages, Message("user", turns[-1]["human"])]
+
+
+def cut_reply(tokenizer, ids: list[int], stop_ids: set[int], stop_text: str) -> str:
+    for i, tok in enumerate(ids):
+        if tok in stop_ids:
+            ids = ids[:i]
+            break
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return text.split(stop_text)[0] if stop_text else text
+
+
+def generate_replies(
+    prompts: Sequence[list[Message]],
+    loaded: LoadedModel,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> Iterator[str]:
+    """Replies in prompt order, generated in left-padded batches (one at a time for recurrent models)."""
+    tok, model = loaded.tokenizer, loaded.model
+    if model_type_info(model.config.model_type).recurrent:
+        batch_size = 1  # padding would flow through a recurrent state
+    stop_ids = stop_token_ids(loaded.template, tok)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p if temperature > 0 else None,
+        top_k=None,
+        eos_token_id=stop_ids or None,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0],
+    )
+    device = next(model.parameters()).device
+    texts = [generation_prompt(loaded.template, tok, p) for p in prompts]
+    for group in tqdm(list(batches(texts, batch_size)), desc="Generate", unit="batch"):
+        enc = tok(list(group), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**enc.to(device), generation_config=config)
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            yield cut_reply(tok, row, set(stop_ids), loaded.template.stop_text(tok))
+
+
+def write_generations(path: str, records: Sequence[EvalRecord], replies: Iterator[str]) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with open(path, "w", encoding="utf-8") as f:
+        # replies first: zip then drains the generator, which closes its progress bar.
+        for i, (reply, record) in enumerate(zip(replies, records, strict=True)):
+            messages = prompt_messages(record)
+            line = {
+                "index": i,
+                "messages": [{"role": m.role, "content": m.content} for m in messages],
+                "prompt": messages[-1].content,
+                "reply": reply,
+                "reference": record.conversation[-1].get("assistant"),
+            }
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.flush()  # a long run can be watched, and an interrupted one keeps its lines
+            written += 1
+    return written
+
+
+# ---------------------------------------------------------------- the command (script/evaluate.py)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to evaluate on and how; the model comes apart, as a ModelSource."""
+
+    eval_file: str
+    """SFT-format JSONL (the last turn may omit "assistant"), or GAIR's format."""
+    generate_to: Optional[str] = None
+    """Write one JSON line per conversation here: prompt and reply."""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_seq_length: Optional[int] = None
+    """None: the run's max_seq_length, else DEFAULT_MAX_SEQ_LENGTH."""
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    output_json: Optional[str] = None
+    """Also write the metrics to this file."""
+
+
+def check_settings(settings: EvalSettings) -> None:
+    problems = [
+        f"--{name} must be at least 1, got {getattr(settings, name)}"
+        for name in ("batch_size", "max_new_tokens")
+        if getattr(settings, name) < 1
+    ]
+    if settings.max_seq_length is not None and settings.max_seq_length < 2:
+        problems.append(f"--max_seq_length must be at least 2, got {settings.max_seq_length}")
+    if settings.temperature < 0 or not 0 < settings.top_p <= 1:
+        problems.append("--temperature must be >= 0 and --top_p in (0, 1]")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def run_max_seq_length(source: ModelSource, max_seq_length: Optional[int]) -> int:
+    """The given length, else the one the run trained with (adapter first), else the default."""
+    if max_seq_length:
+        return max_seq_length
+    for d in (source.adapter, source.model):
+        saved = (read_meta(d) or {}).get("max_seq_length") if d and Path(d).is_dir() else None
+        if saved:
+            return int(saved)
+    return DEFAULT_MAX_SEQ_LENGTH
+
+
+def evaluate(source: ModelSource, settings: EvalSettings) -> dict[str, Any]:
+    """The metrics; the data is read and checked before the model is loaded."""
+    check_settings(settings)
+    records = read_eval_file(settings.eval_file)
+    loaded = source.load()
+    max_len = run_max_seq_length(source, settings.max_seq_length)
+    logger.info(
+        f"{loaded.name}: template {loaded.template.name}, max_seq_length {max_len}, "
+        f"{len(records)} conversations in {settings.eval_file}"
+    )
+    metrics: dict[str, Any] = {"model": loaded.name, "eval_file": settings.eval_file, "max_seq_length": max_len}
+    metrics.update(asdict(evaluate_loss(records, loaded, max_len, settings.batch_size)))
+    if metrics["loss"] is None:
+        logger.warning("no conversation with a supervised reply: no loss to report")
+    if settings.generate_to:
+        prompts = [prompt_messages(r) for r in records]
+        replies = generate_replies(
+            prompts, loaded, settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p
+        )
+        metrics["generated"] = write_generations(settings.generate_to, records, replies)
+        logger.info(f"wrote {metrics['generated']} replies to {settings.generate_to}")
+    return metrics
+
+
+def evaluate_and_report(source: ModelSource, settings: EvalSettings, out: Optional[TextIO] = None) -> None:
+    """Evaluate, then write the metrics as JSON to `out` (and to `settings.output_json`)."""
+    text = json.dumps(evaluate(source, settings), indent=2)
+    if settings.output_json:
+        Path(settings.output_json).write_text(text + "\n")
+    (out or sys.stdout).write(text + "\n")
