@@ -26,12 +26,11 @@ echo "[setup] installing requirements-dev.txt"
 pip_install -r requirements-dev.txt
 # This project as a package, editable (this checkout's component/ is what runs), so that train.py and
 # script/*.py import it from any folder; nothing edits sys.path. Built with the venv's setuptools
-# (>=70.1 builds wheels without `wheel`), so once that is there the install needs no network.
+# (pinned in requirements-dev.txt; 70.1+ builds wheels without `wheel`), so the install needs no network.
 # `python -I` leaves the current folder off sys.path: only the install can make `component` importable.
 installed_here() { "$VENV/bin/python" -I -c "import component, pathlib, sys; sys.exit(pathlib.Path(component.__file__).parent != pathlib.Path('component').resolve())" 2>/dev/null; }
 if ! installed_here; then
   echo "[setup] installing this project (pip install -e .)"
-  pip_install "setuptools>=70.1"
   pip_install --no-deps --no-build-isolation -e .
   installed_here || { echo "[setup] pip install -e . failed: component/ is not importable" >&2; exit 1; }
 fi

@@ -66,3 +66,20 @@ def base_config(model_dir: Path, output_dir: Path, **overrides) -> dict:
     }
     values.update(overrides)
     return values
+
+
+def dpo_config(model_dir: Path, out: Path, train_file: Path, **overrides) -> dict:
+    """A small DPO config for tests: base_config with preference data and its lengths."""
+    values = base_config(
+        model_dir,
+        out,
+        task_type="dpo",
+        train_file=str(train_file),
+        max_seq_length=96,
+        max_prompt_length=32,
+        per_device_train_batch_size=4,
+        max_steps=8,
+        dpo_beta=0.1,
+    )
+    values.update(overrides)
+    return values

@@ -14,7 +14,7 @@ from component.data.template_registry import get_template
 from component.errors import ConfigError, DataError
 from component.runner import run
 from component.tasks.dpo import dpo_arguments
-from tests.conftest import ROOT, base_config, write_config
+from tests.conftest import ROOT, dpo_config, write_config
 from tests.runs import load_config
 from tests.tiny import tiny_tokenizer
 
@@ -29,22 +29,6 @@ def msgs(*pairs):
 def write_lines(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
-
-
-def dpo_config(model_dir: Path, out: Path, train_file: Path, **overrides) -> dict:
-    values = base_config(
-        model_dir,
-        out,
-        task_type="dpo",
-        train_file=str(train_file),
-        max_seq_length=96,
-        max_prompt_length=32,
-        per_device_train_batch_size=4,
-        max_steps=8,
-        dpo_beta=0.1,
-    )
-    values.update(overrides)
-    return values
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from component.model.weights import pickle_weight_files
 from component.training.checkpoints import checkpoint_problems, newest_complete
 from component.training.outputs import read_meta
 from component.training.safety import SIGNAL_EXIT_BASE, InterruptCallback, NonFiniteError
-from tests.conftest import ROOT, TINY_SFT, base_config, write_config
+from tests.conftest import ROOT, TINY_SFT, base_config, dpo_config, write_config
 from tests.runs import (
     SAVE_STEPS,
     STEPS,
@@ -263,15 +263,6 @@ def test_nan_dpo_loss_stops_the_run_like_sft(tmp_path, tiny_llama_dir):
     # trl's DPOTrainer mixes in RunHooks: the guard sees its loss, and names it, before the gradients.
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(ROOT.joinpath("data", "dpo_sample.jsonl").read_text().splitlines(keepends=True)[:8]))
-    values = base_config(
-        tiny_llama_dir,
-        tmp_path / "out",
-        task_type="dpo",
-        train_file=str(pairs),
-        max_seq_length=96,
-        max_prompt_length=32,
-        per_device_train_batch_size=4,
-        max_steps=3,
-    )
+    values = dpo_config(tiny_llama_dir, tmp_path / "out", pairs, max_steps=3)
     with pytest.raises(NonFiniteError, match="step 2 .*the loss became NaN or infinite"):
         train(values, callbacks=[NaNAtSteps({2})])

@@ -25,7 +25,7 @@ from component.data.collator import PaddingFreeCollator
 from component.data.template import IGNORE_INDEX
 from component.errors import ConfigError
 from component.training.checkpoints import safetensors_problem
-from tests.conftest import ROOT, base_config
+from tests.conftest import ROOT, dpo_config
 from tests.runs import config_of
 
 DPO_SAMPLE = ROOT / "data" / "dpo_sample.jsonl"
@@ -106,18 +106,7 @@ def test_safetensors_damaged_files_fail(weights_file, damage):
 
 
 def _dpo_values(tmp_path: Path, model_dir: Path, **overrides) -> dict:
-    values = base_config(
-        model_dir,
-        tmp_path / "out",
-        task_type="dpo",
-        train_mode="full",
-        train_file=str(DPO_SAMPLE),
-        max_seq_length=96,
-        max_prompt_length=32,
-        per_device_train_batch_size=4,
-        max_steps=1,
-    )
-    return {**values, **overrides}
+    return dpo_config(model_dir, tmp_path / "out", DPO_SAMPLE, **{"train_mode": "full", "max_steps": 1, **overrides})
 
 
 def _dpo_parts(values: dict):
