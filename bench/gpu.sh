@@ -19,7 +19,7 @@
 # (N = all parameters), against the GPU's dense bf16 peak; attention FLOPs are not counted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"  # where script/setup.sh (pip install -e .) has not run
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh needs a CUDA GPU')"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true

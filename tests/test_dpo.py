@@ -15,7 +15,7 @@ from component.errors import ConfigError, DataError
 from component.runner import run
 from component.tasks.dpo import dpo_arguments
 from tests.conftest import ROOT, dpo_config, write_config
-from tests.runs import load_config
+from tests.runs import load_config, trainer_losses
 from tests.tiny import tiny_tokenizer
 
 SAMPLE = ROOT / "data" / "dpo_sample.jsonl"
@@ -224,7 +224,7 @@ def test_dpo_qlora_runs_on_the_cpu(tiny_llama_dir, tmp_path, train_pairs):
     config = dpo_config(tiny_llama_dir, out, train_pairs, train_mode="qlora", learning_rate=1e-2, max_steps=3)
     cfg = write_config(tmp_path / "c.json", **config)
     trainer = run(load_config(["--train_args_file", str(cfg)]))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(trainer)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert abs(losses[0] - LN2) < 0.01
     assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]

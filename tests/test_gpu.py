@@ -17,7 +17,7 @@ from component.model import attention as padding_free
 from component.model.attention import FLASH_ATTENTION, SEGMENT_SDPA, flash_attention_usable
 from component.training.loss import find_head_parts, lean_causal_lm_loss
 from tests.conftest import base_config, write_config
-from tests.runs import load_config
+from tests.runs import load_config, trainer_losses
 from tests.test_padding_free import examples
 from tests.tiny import tiny_model, tiny_tokenizer
 
@@ -124,7 +124,7 @@ def test_bf16_sft_run_on_cuda(tiny_llama_dir, tmp_path, train_mode):
     trainer = run(config)
     assert next(trainer.model.parameters()).device.type == "cuda"
     assert trainer.model.config._attn_implementation in (SEGMENT_SDPA, FLASH_ATTENTION)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(trainer)
     assert losses[-1] < losses[0]
     report = json.loads((out / "report.json").read_text())
     assert report

@@ -35,7 +35,7 @@ from component.runner import run
 from component.tasks.sft import build_data
 from component.training.setup import training_arguments
 from tests.conftest import ROOT, base_config, write_config
-from tests.runs import load_config
+from tests.runs import load_config, trainer_losses
 from tests.tiny import tiny_model, tiny_tokenizer
 
 NEOX_EOS = "<|endoftext|>"
@@ -180,10 +180,6 @@ def _config(tmp_path, model_dir, **overrides):
     tmp_path.mkdir(parents=True, exist_ok=True)
     values = base_config(model_dir, tmp_path / "out", template_name="mamba", **overrides)
     return load_config(["--train_args_file", str(write_config(tmp_path / "c.json", **values))])
-
-
-def _losses(trainer) -> list[float]:
-    return [r["loss"] for r in trainer.state.log_history if "loss" in r]
 
 
 def _ids(n: int = 10, batch: int = 2, seed: int = 0) -> torch.Tensor:
@@ -337,7 +333,7 @@ def test_every_saved_adapter_tensor_learns(tmp_path, mamba_dir, monkeypatch, mod
         pytest.importorskip("bitsandbytes")
     trainer, recorder = _train(tmp_path, mamba_dir, train_mode=mode, gradient_checkpointing=checkpointing)
     path.check_used()
-    losses = _losses(trainer)
+    losses = trainer_losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
     assert dead_adapters(tmp_path / "out", recorder) == []
     assert {n.split(".")[-4] for n in recorder.initial} == {"in_proj"}
@@ -354,7 +350,7 @@ def test_dead_adapter_is_detected(tmp_path, mamba_dir, monkeypatch):
 
 def test_full_training_loss_falls(tmp_path, any_mamba_dir, monkeypatch):
     trainer, recorder = _train(tmp_path, any_mamba_dir, train_mode="full", learning_rate=3e-3)
-    losses = _losses(trainer)
+    losses = trainer_losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -364,7 +360,7 @@ def test_mamba2_trains_every_adapter(tmp_path, mamba2_dir, monkeypatch, mode):
     if mode == "qlora":
         pytest.importorskip("bitsandbytes")
     trainer, recorder = _train(tmp_path, mamba2_dir, train_mode=mode)
-    losses = _losses(trainer)
+    losses = trainer_losses(trainer)
     assert losses[-1] < losses[0] - 0.3, losses
     assert dead_adapters(tmp_path / "out", recorder) == []
     assert {n.split(".")[-4] for n in recorder.initial} == {"in_proj"}
@@ -465,7 +461,7 @@ def test_gradient_accumulation_invariance(tmp_path, mamba_dir, monkeypatch, mode
         )
         assert trainer.model_accepts_loss_kwargs and (trainer.lean is not None) == lean_loss
         params = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
-        results.append((_losses(trainer)[0], params))
+        results.append((trainer_losses(trainer)[0], params))
     (loss_a, params_a), (loss_b, params_b) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
     torch.testing.assert_close(params_a, params_b, rtol=1e-5, atol=1e-6)
@@ -612,7 +608,7 @@ def test_mamba_config_runs_on_a_tiny_model(tmp_path, mamba_dir, config_path):
     }
     argv = ["--train_args_file", str(config_path)] + [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
     trainer = run(load_config(argv))
-    assert all(torch.isfinite(torch.tensor(loss)) for loss in _losses(trainer))
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in trainer_losses(trainer))
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 

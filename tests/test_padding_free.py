@@ -18,7 +18,7 @@ from component.model.loading import load_tokenizer
 from component.tasks.sft import build_data
 from component.training.setup import training_arguments
 from tests.conftest import base_config, write_config
-from tests.runs import load_config
+from tests.runs import load_config, trainer_losses
 from tests.tiny import tiny_model, tiny_tokenizer
 
 LENGTHS = (7, 12, 5, 9)
@@ -168,7 +168,7 @@ def test_training_run_uses_segment_attention(tiny_llama_dir, tmp_path):
     )
     trainer = run(config)
     assert trainer.model.config._attn_implementation == SEGMENT_SDPA
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(trainer)
     assert losses[-1] < losses[0]
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert SEGMENT_SDPA not in json.dumps(saved)  # later tools load the model without our registry

@@ -16,7 +16,7 @@ from component.errors import DataError
 from component.runner import run
 from component.tasks.pretrain import choose_collator, documents_isolated
 from tests.conftest import ROOT, base_config, write_config
-from tests.runs import load_config
+from tests.runs import load_config, trainer_losses
 from tests.tiny import tiny_model, tiny_tokenizer
 
 SAMPLE = ROOT / "data" / "pretrain_sample.jsonl"
@@ -223,7 +223,7 @@ def test_pretrain_full_loss_falls_and_the_run_saves(tiny_llama_dir, tmp_path):
         ),
     )
     trainer = run(load_config(["--train_args_file", str(cfg)]))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(trainer)
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, losses
     assert trainer.data_collator.mode == PackingMode.POSITION_IDS
@@ -238,7 +238,7 @@ def test_pretrain_lora_trains_with_a_configured_cache_dir(tiny_llama_dir, tmp_pa
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.json", **pretrain_config(tiny_llama_dir, out, max_steps=4))
     trainer = run(load_config(["--train_args_file", str(cfg)]))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(trainer)
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert (out / "adapter_model.safetensors").is_file()
     summary = json.loads((out / "data_summary.json").read_text())
@@ -249,7 +249,7 @@ def test_pretrain_qlora_runs(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "c.json", **pretrain_config(tiny_llama_dir, out, train_mode="qlora", max_steps=3))
     trainer = run(load_config(["--train_args_file", str(cfg)]))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = trainer_losses(trainer)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
     assert (out / "adapter_model.safetensors").is_file()

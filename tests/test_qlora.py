@@ -16,16 +16,12 @@ from component.model.loading import load_qlora_base  # noqa: E402
 from component.runner import run  # noqa: E402
 from component.training.setup import training_arguments  # noqa: E402
 from tests.conftest import base_config, write_config  # noqa: E402
-from tests.runs import load_config  # noqa: E402
+from tests.runs import load_config, trainer_losses  # noqa: E402
 
 
 def _config(tmp_path, model_dir, **overrides):
     values = base_config(model_dir, tmp_path / "out", train_mode="qlora", max_prompt_length=64, **overrides)
     return load_config(["--train_args_file", str(write_config(tmp_path / "c.json", **values))])
-
-
-def _losses(trainer) -> list[float]:
-    return [r["loss"] for r in trainer.state.log_history if "loss" in r]
 
 
 class Snapshot(TrainerCallback):
@@ -47,7 +43,7 @@ def test_qlora_loss_falls_and_only_adapter_changes(tmp_path, tiny_llama_dir, mon
     trainer, before = _train_with_snapshot(_config(tmp_path, tiny_llama_dir, max_steps=8))
     model = trainer.model
     assert quantization.count_quantized(model) == 14  # 7 linear layers x 2 blocks; lm_head stays
-    losses = _losses(trainer)
+    losses = trainer_losses(trainer)
     assert losses[-1] < losses[0]
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -64,7 +60,7 @@ def test_qlora_with_gradient_checkpointing(tmp_path, tiny_llama_dir, monkeypatch
     after = trainer.model.state_dict()
     lora_b = [k for k in before if "lora_B" in k]
     assert all(not torch.equal(before[k], after[k]) for k in lora_b)
-    assert all(torch.isfinite(torch.tensor(loss)) for loss in _losses(trainer))
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in trainer_losses(trainer))
 
 
 def test_compute_dtype_follows_precision(tmp_path, tiny_llama_dir):
@@ -124,7 +120,7 @@ def test_qlora_trains_on_gpu(tmp_path, tiny_llama_dir, monkeypatch):
         _config(tmp_path, tiny_llama_dir, max_steps=8, bf16=True, optim="paged_adamw_32bit")
     )
     assert next(trainer.model.parameters()).device.type == "cuda"
-    losses = _losses(trainer)
+    losses = trainer_losses(trainer)
     assert losses[-1] < losses[0]
 
 

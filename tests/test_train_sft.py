@@ -9,21 +9,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from component.runner import run
 from component.training.outputs import read_meta
-from tests.conftest import base_config, write_config
-from tests.runs import load_config
+from tests.conftest import base_config
+from tests.runs import train as train_values
+from tests.runs import trainer_losses
 
 
 def train(tmp_path, model_dir, name="out", **overrides):
     out = tmp_path / name
-    cfg = write_config(tmp_path / f"{name}.json", **base_config(model_dir, out, **overrides))
-    trainer = run(load_config(["--train_args_file", str(cfg)]))
-    return trainer, out
-
-
-def losses(trainer) -> list[float]:
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return train_values(base_config(model_dir, out, **overrides)), out
 
 
 def base_weights(model_dir):
@@ -35,7 +29,7 @@ def test_lora_trains_only_the_adapter_and_reloads(tmp_path, tiny_llama_dir):
 
     before = base_weights(tiny_llama_dir)
     trainer, out = train(tmp_path, tiny_llama_dir, max_steps=12, learning_rate=2e-2)
-    curve = losses(trainer)
+    curve = trainer_losses(trainer)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
 
     model = trainer.model
@@ -76,7 +70,7 @@ def test_lora_trains_only_the_adapter_and_reloads(tmp_path, tiny_llama_dir):
 def test_full_training_changes_weights_and_saves_model(tmp_path, tiny_llama_dir):
     before = base_weights(tiny_llama_dir)
     trainer, out = train(tmp_path, tiny_llama_dir, train_mode="full", max_steps=12, learning_rate=3e-3)
-    curve = losses(trainer)
+    curve = trainer_losses(trainer)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     after = reloaded.state_dict()
@@ -89,7 +83,7 @@ def test_full_training_changes_weights_and_saves_model(tmp_path, tiny_llama_dir)
 def test_lora_on_other_architectures(tmp_path, request, fixture, template):
     model_dir = request.getfixturevalue(fixture)
     trainer, out = train(tmp_path, model_dir, template_name=template, max_steps=12, learning_rate=2e-2)
-    curve = losses(trainer)
+    curve = trainer_losses(trainer)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
     assert (out / "adapter_model.safetensors").is_file()
 
@@ -102,7 +96,7 @@ def test_gradient_accumulation_invariance(tmp_path, tiny_llama_dir, mode):
     )
     a, _ = train(tmp_path, tiny_llama_dir, "a", per_device_train_batch_size=4, gradient_accumulation_steps=1, **common)
     b, _ = train(tmp_path, tiny_llama_dir, "b", per_device_train_batch_size=1, gradient_accumulation_steps=4, **common)
-    assert losses(a)[0] == pytest.approx(losses(b)[0], rel=1e-5)
+    assert trainer_losses(a)[0] == pytest.approx(trainer_losses(b)[0], rel=1e-5)
     wa = {k: v for k, v in a.model.named_parameters() if v.requires_grad}
     wb = {k: v for k, v in b.model.named_parameters() if v.requires_grad}
     assert wa.keys() == wb.keys()
@@ -112,5 +106,5 @@ def test_gradient_accumulation_invariance(tmp_path, tiny_llama_dir, mode):
 
 def test_gradient_checkpointing_with_lora_trains(tmp_path, tiny_llama_dir):
     trainer, _ = train(tmp_path, tiny_llama_dir, gradient_checkpointing=True, max_steps=8, learning_rate=2e-2)
-    curve = losses(trainer)
+    curve = trainer_losses(trainer)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
