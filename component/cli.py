@@ -12,19 +12,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Optional, TextIO
+from typing import TYPE_CHECKING, Optional, TextIO
 
 from loguru import logger
-from transformers import TrainerCallback
 
-from component.config import CONFIG_FILE_FLAG, HELP_FLAGS, describe_keys, load_config
-from component.data.inspection import InspectOptions, show_sft_data
 from component.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
-from component.inference.generation import DTYPES, ModelSource
-from component.model.loading import load_tokenizer
-from component.runner import run
-from component.tasks.registry import CONFIG_CHECKS
-from component.training.logs import setup_logging
+from component.logs import setup_logging
+
+# The rest of the package is imported inside the commands that need it: a script that needs no model
+# (prepare_lima) starts in a tenth of a second, not the five that transformers, peft and bitsandbytes take.
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+    from component.data.inspection import InspectOptions
+    from component.inference.generation import ModelSource
 
 
 def run_main(body: Callable[[], Optional[int]]) -> int:
@@ -39,6 +40,10 @@ def run_main(body: Callable[[], Optional[int]]) -> int:
 
 def main_train(argv: Optional[list[str]] = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
     """`python train.py --train_args_file FILE.json [--key value ...]`; `callbacks` join the run's own."""
+    from component.config import HELP_FLAGS, describe_keys, load_config
+    from component.runner import run
+    from component.tasks.registry import CONFIG_CHECKS
+
     argv = sys.argv[1:] if argv is None else argv
     if any(flag in argv for flag in HELP_FLAGS):
         print(describe_keys())
@@ -55,6 +60,8 @@ def main_train(argv: Optional[list[str]] = None, callbacks: Sequence[TrainerCall
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that say which model to load for inference, as `model_source` reads them."""
+    from component.inference.generation import DTYPES
+
     parser.add_argument(
         "--model",
         required=True,
@@ -70,6 +77,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
+    from component.inference.generation import ModelSource
+
     return ModelSource(args.model, args.adapter, args.template, args.dtype, args.load_in_4bit)
 
 
@@ -80,6 +89,11 @@ def inspect_data(
     train_args_file: str, overrides: Sequence[str], options: InspectOptions, out: Optional[TextIO] = None
 ) -> None:
     """Load the config as train.py does and the tokenizer only (never the model), then show the SFT data."""
+    from component.config import CONFIG_FILE_FLAG, load_config
+    from component.data.inspection import show_sft_data
+    from component.model.loading import load_tokenizer
+    from component.tasks.registry import CONFIG_CHECKS
+
     config = load_config([CONFIG_FILE_FLAG, train_args_file, *overrides], CONFIG_CHECKS)
     if config.method.task_type != "sft":
         raise ConfigError(

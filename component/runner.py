@@ -17,11 +17,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from component.config import Config, save_config
 from component.data.sft import save_problems, save_summary
 from component.data.splits import TaskData
+from component.logs import log_to_file
 from component.model.loading import load_model, load_tokenizer
 from component.ranks import is_main_process
 from component.tasks.registry import task_for
 from component.training.checkpoints import remove_checkpoints, resolve_resume
-from component.training.logs import log_to_file
 from component.training.outputs import check_output_dir, write_meta
 from component.training.report import report_on_exit
 from component.training.safety import handlers_restored, raise_if_interrupted

@@ -29,7 +29,8 @@ def conv(**record) -> str:
 CORRUPTIONS = {
     "invalid_json": ([GOOD, '{"conversation": [', GOOD], [(2, "invalid JSON")]),
     "not_an_object": ([GOOD, "[1, 2]"], [(2, "expected a JSON object, got list")]),
-    "missing_key": ([conv(messages=[])], [(1, "missing key 'conversation'")]),
+    "no_format_key": ([conv(turns=[])], [(1, "no known SFT data format (keys present: turns)")]),
+    "missing_key": ([GOOD, conv(messages=[])], [(2, "missing key 'conversation'")]),
     "unknown_key": (
         [conv(conversation=[{"human": "a", "assistant": "b"}], answer="x")],
         [(1, "unknown key(s) answer")],

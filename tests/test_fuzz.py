@@ -39,6 +39,7 @@ INTERESTING_KEYS = [
     "model_name_or_path",
     "train_file",
     "template_name",
+    "data_format",
     "task_type",
     "train_mode",
     "max_seq_length",

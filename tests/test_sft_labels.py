@@ -141,5 +141,5 @@ def test_sample_data_is_valid_and_varied():
 
     result = read_conversations(str(ROOT / "data" / "sft_sample.jsonl"))
     assert len(result.records) >= 50
-    assert sum(len(r["conversation"]) > 1 for r in result.records) >= 3
+    assert sum(len(r["messages"]) > 2 for r in result.records) >= 3
     assert sum(1 for r in result.records if r["system"]) >= 2

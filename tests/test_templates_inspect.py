@@ -35,7 +35,7 @@ def test_marks_supervised_text_and_reports(config_file, tmp_path, monkeypatch):
     argv = ["--train_args_file", str(config_file), "--index", "1", "--num", "2", "--dump", str(dump)]
     assert inspect_data.main(argv, out) == 0
     text = out.getvalue()
-    first = read_conversations(str(TINY_SFT)).records[1]["conversation"][0]["assistant"]
+    first = read_conversations(str(TINY_SFT)).records[1]["messages"][1]["content"]
     assert f"[[{first}<|im_end|>]]" in text
     assert "── example 1:" in text and "── example 2:" in text and "── example 3:" not in text
     assert "examples:" in text and "supervised tokens:" in text and "length histogram" in text

@@ -1,6 +1,8 @@
 """The configuration layer: typed arguments, reading, checking, building (imports nothing above it)."""
 
 from component.config.arguments import (
+    AUTO_DATA_FORMAT,
+    DATA_FORMATS,
     DEFAULT_OPTIM,
     RESOLVED_CONFIG_NAME,
     SECRET_KEYS,
@@ -23,7 +25,9 @@ from component.config.load import (
 from component.config.parse import CONFIG_FILE_FLAG, suggest
 
 __all__ = [
+    "AUTO_DATA_FORMAT",
     "CONFIG_FILE_FLAG",
+    "DATA_FORMATS",
     "DEFAULT_OPTIM",
     "HELP_FLAGS",
     "RESOLVED_CONFIG_NAME",

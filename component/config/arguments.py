@@ -17,6 +17,9 @@ from transformers import TrainingArguments
 RESOLVED_CONFIG_NAME = "train_args.json"
 # TrainingArguments fields that may hold secrets; never logged or saved.
 SECRET_KEYS = ("hub_token", "push_to_hub_token")
+AUTO_DATA_FORMAT = "auto"
+# SFT data formats (component/data/formats.py holds each one's converter); auto: detected per file.
+DATA_FORMATS = (AUTO_DATA_FORMAT, "conversation", "messages", "sharegpt", "alpaca", "prompt_completion")
 DEFAULT_OPTIM = "adamw_torch_fused"  # transformers' and TRL's default: no per-parameter temporaries in the step
 # Our defaults for TrainingArguments, where transformers' default is wrong
 # for this tool. A config may override each of them.
@@ -68,6 +71,13 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Chat template (see component/data/template_registry.py), or 'auto' for the tokenizer's own."
+        },
+    )
+    data_format: str = field(
+        default=AUTO_DATA_FORMAT,
+        metadata={
+            "help": "SFT data format: auto (detected per file from the first record's keys), conversation, "
+            "messages, sharegpt, alpaca or prompt_completion (README, Data formats)."
         },
     )
     max_seq_length: int = field(default=1024, metadata={"help": "Longest tokenized example; longer ones are cut."})

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from component.config.arguments import SECRET_KEYS
+from component.config.arguments import AUTO_DATA_FORMAT, DATA_FORMATS, SECRET_KEYS
+from component.config.parse import suggest
 
 Check = Callable[[dict[str, Any]], list[str]]
 TRAIN_MODES = ("full", "lora", "qlora")
@@ -68,6 +69,17 @@ def check_lengths(values: dict[str, Any]) -> list[str]:
     if values.get("tokenize_num_workers", 1) < 1:
         problems.append("key 'tokenize_num_workers': must be at least 1")
     return problems
+
+
+def check_data_format(values: dict[str, Any]) -> list[str]:
+    fmt = values.get("data_format", AUTO_DATA_FORMAT)
+    if fmt in DATA_FORMATS:
+        return []
+    hint = suggest(str(fmt), DATA_FORMATS)
+    return [
+        f"key 'data_format': {fmt!r} is not one of {', '.join(DATA_FORMATS)}"
+        + (f" (did you mean {hint!r}?)" if hint else "")
+    ]
 
 
 def check_deepspeed_file(values: dict[str, Any]) -> list[str]:
@@ -130,6 +142,7 @@ BUILTIN_CHECKS: tuple[Check, ...] = (
     check_precision,
     check_lora,
     check_lengths,
+    check_data_format,
     check_deepspeed_file,
     check_finite_numbers,
     check_no_secrets,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional, TextIO
 
 from component.config import Config
-from component.data.sft import DataSummary, build_sft_dataset, read_conversations, truncate
-from component.data.template import IGNORE_INDEX, conversation_messages, encode, render
+from component.data.sft import DataSummary, build_sft_dataset, read_conversations, record_messages, truncate
+from component.data.template import IGNORE_INDEX, encode, render
 from component.data.tokenizer_template import resolve_template
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -65,7 +65,7 @@ def marked_text(text: str, offsets, labels, kept: int, color: bool) -> str:
 
 
 def show_example(n: int, record: dict, template, tokenizer, max_len: int, color: bool) -> str:
-    rendered = render(template, tokenizer, conversation_messages(record["conversation"], record.get("system")))
+    rendered = render(template, tokenizer, record_messages(record))
     full = encode(tokenizer, rendered)
     kept, was_cut = truncate(full, max_len)
     offsets = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -94,6 +94,7 @@ def histogram(lengths: list[int], max_len: int) -> list[str]:
 def report(summary: DataSummary, lengths: list[int], max_len: int) -> str:
     lines = [
         "── data report",
+        f"  format:             {summary.data_format}",
         f"  examples:           {summary.examples}",
         f"  tokens:             {summary.tokens}",
         f"  supervised tokens:  {summary.supervised_tokens}"
@@ -123,11 +124,16 @@ def show_sft_data(config: Config, tokenizer, options: InspectOptions, out: Optio
         f"template {template.name!r}: stop token {stop!r} (id {tokenizer.convert_tokens_to_ids(stop)}); "
         f"source: {template.source}\n"
     )
-    records = read_conversations(data.train_file, data.skip_invalid_examples, template).records
+    records = read_conversations(data.train_file, data.skip_invalid_examples, template, data.data_format).records
     for n in range(options.index, min(options.index + options.num, len(records))):
         out.write(show_example(n, records[n], template, tokenizer, data.max_seq_length, color) + "\n")
     built = build_sft_dataset(
-        data.train_file, template, tokenizer, data.max_seq_length, skip_invalid=data.skip_invalid_examples
+        data.train_file,
+        template,
+        tokenizer,
+        data.max_seq_length,
+        skip_invalid=data.skip_invalid_examples,
+        data_format=data.data_format,
     )
     lengths = [len(x) for x in built.dataset["input_ids"]]
     out.write(report(built.summary, lengths, data.max_seq_length) + "\n")

@@ -1,4 +1,5 @@
-"""The SFT task: conversation data, padded or padding-free batches, our FinetuneTrainer."""
+"""The SFT task: conversation data (any format component/data/formats.py reads), padded or padding-free
+batches, our FinetuneTrainer."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def build_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
         max_len=config.data.max_seq_length,
         num_workers=config.data.tokenize_num_workers,
         skip_invalid=config.data.skip_invalid_examples,
+        data_format=config.data.data_format,
     )
     train, eval_ds = build_splits(config, build_sft_dataset, **build_args)
     note = pad_eos_note(template, tokenizer, train.dataset[0]["labels"])

@@ -23,7 +23,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from component.config import Config
 from component.data.splits import TaskData
 from component.training.checkpoints import CheckpointMarker
-from component.training.logs import LogCallback
+from component.training.log_callback import LogCallback
 from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts
 from component.training.report import RunReportCallback
 from component.training.safety import InterruptCallback, NonFiniteGuard

@@ -1,8 +1,8 @@
 """Logging: loguru on the main process at INFO, warnings only elsewhere.
 
 `setup_logging` sends our messages to stderr and, once the output folder
-exists, to `train.log` in it. `LogCallback` copies the Trainer's metrics
-(loss, learning rate, eval loss) into the same log.
+exists, `log_to_file` adds `train.log` in it. A leaf module (loguru only), so
+that every entry point sets up logging without importing transformers.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 from loguru import logger
-from transformers import TrainerCallback
 
 from component.ranks import is_main_process
 
@@ -36,12 +35,3 @@ def log_to_file(output_dir: str) -> None:
     if _file_sink is not None:
         logger.remove(_file_sink)
     _file_sink = logger.add(Path(output_dir) / LOG_FILE, level="INFO", format=LOG_FORMAT)
-
-
-class LogCallback(TrainerCallback):
-    """Writes each metrics record of the Trainer to our log."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            shown = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
-            logger.info(f"step {state.global_step}: {shown}")
