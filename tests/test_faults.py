@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,13 +29,14 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from component.config import CONFIG_FILE_FLAG
 from component.errors import ConfigError
 from component.model.weights import pickle_weight_files
-from component.training.checkpoints import checkpoint_problems, newest_complete
+from component.training.checkpoints import RESUME_FLAG, checkpoint_problems, newest_complete, resume_command
 from component.training.outputs import read_meta
 from component.training.safety import SIGNAL_EXIT_BASE, InterruptCallback, NonFiniteError
 from tests.conftest import ROOT, TINY_SFT, base_config, dpo_config, write_config
 from tests.runs import (
     SAVE_STEPS,
     STEPS,
+    SUBPROCESS_TIMEOUT_S,
     assert_same_run,
     fault_command,
     final_weights,
@@ -69,15 +73,40 @@ def assert_stopped_with_checkpoint(out: Path, step: int) -> None:
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, tiny_llama_dir, tmp_path_factory):
+    """The printed resume command, run as printed from the repo root, finishes the interrupted run."""
     out = tmp_path / "out"
-    config = run_config(tmp_path, tiny_llama_dir, out)
-    stopped = run_with_fault("term", 4, config)  # SIGTERM arrives while step 4 runs
+    # The file names another output_dir and fewer steps: only with the command line's overrides
+    # does the resumed run find the checkpoint and reach the uninterrupted run's weights.
+    config = run_config(tmp_path, tiny_llama_dir, tmp_path / "file-out", max_steps=5)
+    overrides = ["--output_dir", str(out), "--max_steps", str(STEPS)]
+    stopped = run_with_fault("term", 4, config, *overrides)  # SIGTERM arrives while step 4 runs
     assert stopped.returncode == SIGTERM_EXIT, stopped.stderr[-3000:]
     assert "stopped by SIGTERM at step 4" in stopped.stderr
-    assert f"--train_args_file {config} --resume_from_checkpoint true" in stopped.stderr
+    command = shlex.join(["python", "train.py", CONFIG_FILE_FLAG, str(config), *overrides, RESUME_FLAG, "true"])
+    assert f"Resume with:\n  {command}\n" in stopped.stderr
     assert_stopped_with_checkpoint(out, 4)
-    train_in_process(config, "--resume_from_checkpoint", "true")
+    python_first = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    resumed = subprocess.run(
+        command,
+        shell=True,
+        cwd=ROOT,
+        env=subprocess_env(PATH=python_first),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and not (tmp_path / "file-out").exists()
     assert_same_run(reference_run("lora", tiny_llama_dir, tmp_path_factory), out, resumed_from=4)
+
+
+def test_resume_command_repeats_the_overrides_quoted_without_an_earlier_resume_flag(tmp_path, tiny_llama_dir):
+    path = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out", max_prompt_length=64))
+    argv = [CONFIG_FILE_FLAG, str(path), "--resume_from_checkpoint", "checkpoint-3", "--learning_rate=0.5"]
+    argv += ["--output_dir", "my out", "--resume_from_checkpoint=true", "--bf16"]
+    assert resume_command(load_config(argv)) == (
+        f"python train.py {CONFIG_FILE_FLAG} {path} --learning_rate=0.5 --output_dir 'my out' --bf16 {RESUME_FLAG} true"
+    )
 
 
 def test_sigterm_from_outside_while_training(tmp_path, tiny_llama_dir, tmp_path_factory):

@@ -279,7 +279,7 @@ def test_refused_target_is_a_config_error_before_output_dir(tmp_path, mamba_dir,
 
 def test_refused_target_checked_again_when_lora_is_applied(tmp_path, mamba_dir, monkeypatch):
     """A hub model not in the local cache is only known once loaded: apply_lora refuses it there."""
-    monkeypatch.setattr(model_module, "_cached_model_type", lambda values: None)
+    monkeypatch.setattr(model_module, "_cached_model_config", lambda values: None)
     config = _config(tmp_path, mamba_dir, lora_target_modules=["dt_proj"])
     with pytest.raises(ConfigError, match="'dt_proj'.*dt_proj.weight @ x"):
         apply_lora(_model(mamba_dir), config)
@@ -342,7 +342,7 @@ def test_every_saved_adapter_tensor_learns(tmp_path, mamba_dir, monkeypatch, mod
 def test_dead_adapter_is_detected(tmp_path, mamba_dir, monkeypatch):
     """The check above fails when an adapter is bypassed: dt_proj's, forced past our refusal."""
     monkeypatch.setattr(model_module, "check_lora_targets", lambda *a: None)
-    monkeypatch.setattr(model_module, "_cached_model_type", lambda values: None)
+    monkeypatch.setattr(model_module, "_cached_model_config", lambda values: None)
     _, recorder = _train(tmp_path, mamba_dir, lora_target_modules=["in_proj", "dt_proj"], max_steps=2)
     dead = dead_adapters(tmp_path / "out", recorder)
     assert dead and all(".dt_proj." in k for k in dead)

@@ -11,6 +11,7 @@ pytest.importorskip("bitsandbytes")
 
 import bitsandbytes as bnb  # noqa: E402
 
+from component.model import loading as model_loading  # noqa: E402
 from component.model import model_types, quantization  # noqa: E402
 from component.model.loading import load_qlora_base  # noqa: E402
 from component.runner import run  # noqa: E402
@@ -78,6 +79,19 @@ def test_quantization_skips_are_model_type_data(tmp_path, tiny_llama_dir, monkey
     assert not isinstance(mlp.down_proj, bnb.nn.Linear4bit)
     assert isinstance(mlp.up_proj, bnb.nn.Linear4bit)
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)  # the head stays unquantized too
+
+
+def test_misspelt_target_is_refused_on_the_4bit_model(tmp_path, tiny_llama_dir, monkeypatch):
+    """apply_lora checks the loaded model too: its 4-bit layers count as the linear layers they replace."""
+    from component.errors import ConfigError
+    from component.model.loading import apply_lora
+
+    monkeypatch.setattr(model_loading, "_cached_model_config", lambda values: None)  # config not on disk
+    config = _config(tmp_path, tiny_llama_dir, lora_target_modules=["q_proj", "gateproj"])
+    with pytest.raises(ConfigError) as err:
+        apply_lora(load_qlora_base(config), config)
+    assert "'gateproj' matches no module" in str(err.value) and "did you mean 'gate_proj'?" in str(err.value)
+    assert "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in str(err.value)
 
 
 def test_each_rank_uses_its_own_gpu(monkeypatch):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from loguru import logger
 from transformers import TrainerCallback, TrainerState
 
 import component.training.report as report
@@ -51,7 +52,9 @@ def test_plot_and_loss_summary(tmp_path):
     history += [{"eval_loss": 2.5, "step": 5}, {"eval_loss": 2.2, "step": 10}, {"train_loss": 2.6, "step": 10}]
     summary = report.loss_summary(history)
     assert summary["first_loss"] == pytest.approx(3.0) and summary["final_loss"] == pytest.approx(2.1)
-    assert summary["best_loss_step"] == 10 and summary["best_eval_loss"] == 2.2 and summary["mean_train_loss"] == 2.6
+    assert summary["best_loss_step"] == 10 and summary["best_eval_loss"] == 2.2
+    # The mean of every logged loss (3.0 ... 2.1), not the Trainer's train_loss (2.6, the resumed part only).
+    assert summary["mean_train_loss"] == pytest.approx(2.55)
     path = report.plot_losses(history, tmp_path / "loss.png")
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
     assert report.plot_losses([{"learning_rate": 1.0, "step": 1}], tmp_path / "none.png") is None
@@ -178,3 +181,30 @@ def test_a_resumed_run_reports_the_whole_run(tmp_path, tiny_llama_dir):
     assert (got["status"], got["resumed_at_step"], got["global_step"]) == ("finished", 2, 4)
     assert got["examples_seen"] == 8 and got["real_tokens_seen"] == data["tokens"]
     assert got["supervised_tokens_seen"] == data["supervised_tokens"]
+    # The mean covers the steps logged before the checkpoint too (restored with its trainer_state).
+    history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    losses = {e["step"]: e["loss"] for e in history if "loss" in e}
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert got["mean_train_loss"] == pytest.approx(sum(losses.values()) / 4)
+    assert got["first_loss"] == losses[1]
+
+
+def test_no_logged_loss_writes_the_report_and_says_why_there_is_no_plot(tmp_path):
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
+    try:
+        callback = report.RunReportCallback()
+        args = SimpleNamespace(
+            output_dir=str(tmp_path / "out"), num_train_epochs=1, device="cpu", world_size=1, logging_steps=50
+        )
+        callback.on_train_begin(args, TrainerState(global_step=0, max_steps=4), None)
+        callback.trainer_state.global_step = 2
+        assert callback.write("running") == tmp_path / "out" / report.REPORT_FILE
+        callback.write("running")
+    finally:
+        logger.remove(sink)
+    assert json.loads((tmp_path / "out" / report.REPORT_FILE).read_text())["final_loss"] is None
+    assert not (tmp_path / "out" / report.PLOT_FILE).exists()
+    warned = [m for m in messages if report.PLOT_FILE in m]
+    assert len(warned) == 1 and "no training or eval loss was logged by step 2" in warned[0]
+    assert "logging_steps=50" in warned[0]

@@ -59,3 +59,16 @@ def test_user_errors_exit_2_without_traceback(tmp_path, tiny_llama_dir, capsys):
     assert inspect_data.main(["--train_args_file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "template 'phi3' does not fit" in err and "Traceback" not in err
+
+
+def test_a_datasets_list_is_inspected_as_a_mixture(tmp_path, tiny_llama_dir):
+    # Two copies of the tiny set, concatenated: every example of both is shown and counted.
+    values = base_config(tiny_llama_dir, tmp_path / "out")
+    del values["train_file"]
+    values["datasets"] = [{"path": str(TINY_SFT)}, {"path": str(TINY_SFT)}]
+    out = io.StringIO()
+    dump = tmp_path / "d.jsonl"
+    argv = ["--train_args_file", str(write_config(tmp_path / "m.json", **values)), "--dump", str(dump)]
+    assert inspect_data.main(argv, out) == 0
+    assert "examples:" in out.getvalue()
+    assert len(dump.read_text().splitlines()) == 2 * len(read_conversations(str(TINY_SFT)).records)

@@ -20,6 +20,10 @@ SECRET_KEYS = ("hub_token", "push_to_hub_token")
 AUTO_DATA_FORMAT = "auto"
 # SFT data formats (component/data/formats.py holds each one's converter); auto: detected per file.
 DATA_FORMATS = (AUTO_DATA_FORMAT, "conversation", "messages", "sharegpt", "alpaca", "prompt_completion")
+# How a `datasets` list becomes one training set (component/data/mixing.py).
+MIX_STRATEGIES = ("concatenate", "interleave")
+# The keys of one `datasets` / `eval_datasets` entry (component/data/sources.py's DatasetSpec).
+DATASET_ENTRY_KEYS = ("path", "format", "split", "subset", "revision", "weight", "num_samples", "columns", "train_on")
 DEFAULT_OPTIM = "adamw_torch_fused"  # transformers' and TRL's default: no per-parameter temporaries in the step
 # Our defaults for TrainingArguments, where transformers' default is wrong
 # for this tool. A config may override each of them.
@@ -66,6 +70,27 @@ class DataArguments:
     train_file: Optional[str] = field(default=None, metadata={"help": "Training data, JSONL."})
     eval_file: Optional[str] = field(
         default=None, metadata={"help": "Optional evaluation data, JSONL; eval loss is logged every eval_steps."}
+    )
+    datasets: Optional[list[dict[str, Any]]] = field(
+        default=None,
+        metadata={
+            "help": "SFT: the training datasets instead of train_file, each {path, format, split, subset, "
+            "revision, weight or num_samples, columns}; path: a local .jsonl/.json/.parquet/.arrow file, "
+            "a folder of them, a save_to_disk folder, or a Hub id (README, Data formats)."
+        },
+    )
+    eval_datasets: Optional[list[dict[str, Any]]] = field(
+        default=None, metadata={"help": "SFT: evaluation datasets instead of eval_file, entries as in datasets."}
+    )
+    mix_strategy: str = field(
+        default="concatenate",
+        metadata={
+            "help": "How the datasets become one: concatenate (in order; num_samples sizes each) or "
+            "interleave (drawn by weight with mix_seed, until the first dataset runs out)."
+        },
+    )
+    mix_seed: Optional[int] = field(
+        default=None, metadata={"help": "Seed of the interleaving and of num_samples' up-sampling; default: seed."}
     )
     template_name: Optional[str] = field(
         default=None,
@@ -179,6 +204,9 @@ class Config:
     training: dict[str, Any]
     """TrainingArguments keyword arguments: our defaults, then the file's and the flags' values."""
     source: str = ""
+    argv: tuple[str, ...] = ()
+    """The command-line arguments it was loaded from (file flag and overrides, as given), so that the
+    resume hint repeats the overrides; empty for a config built from a dict."""
 
     @property
     def output_dir(self) -> str:

@@ -14,17 +14,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from component.config.arguments import AUTO_DATA_FORMAT, DATA_FORMATS, SECRET_KEYS
+from component.config.arguments import (
+    AUTO_DATA_FORMAT,
+    DATA_FORMATS,
+    DATASET_ENTRY_KEYS,
+    MIX_STRATEGIES,
+    SECRET_KEYS,
+)
 from component.config.parse import suggest
 
 Check = Callable[[dict[str, Any]], list[str]]
 TRAIN_MODES = ("full", "lora", "qlora")
 MAX_SEED = 2**32 - 1  # numpy's seed range
-REQUIRED_KEYS = ("output_dir", "model_name_or_path", "train_file")
+REQUIRED_KEYS = ("output_dir", "model_name_or_path")
+# The data: one file (or folder), or a list of datasets (one of the two).
+DATA_KEYS = ("train_file", "datasets")
+# Each list key and the single-file key it replaces.
+DATASET_LIST_KEYS = {"datasets": "train_file", "eval_datasets": "eval_file"}
 
 
 def check_required(values: dict[str, Any]) -> list[str]:
-    return [f"key '{k}' is required" for k in REQUIRED_KEYS if not values.get(k)]
+    problems = [f"key '{k}' is required" for k in REQUIRED_KEYS if not values.get(k)]
+    if not any(values.get(k) for k in DATA_KEYS):
+        problems.append("key 'train_file' is required (or a 'datasets' list, for sft)")
+    return problems
 
 
 def check_train_mode(values: dict[str, Any]) -> list[str]:
@@ -80,6 +93,95 @@ def check_data_format(values: dict[str, Any]) -> list[str]:
         f"key 'data_format': {fmt!r} is not one of {', '.join(DATA_FORMATS)}"
         + (f" (did you mean {hint!r}?)" if hint else "")
     ]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _entry_problems(entry: dict[str, Any], where: str, strategy: str) -> list[str]:
+    """One `datasets` entry: known keys, a path, and values of the right kind."""
+    problems = []
+    for key in entry:
+        if key not in DATASET_ENTRY_KEYS:
+            hint = suggest(str(key), DATASET_ENTRY_KEYS)
+            problems.append(
+                f"key '{where}.{key}': unknown key"
+                + (f" (did you mean {hint!r}?)" if hint else "")
+                + f"; an entry takes {', '.join(DATASET_ENTRY_KEYS[:-1])}"
+            )
+    path = entry.get("path")
+    if not isinstance(path, str) or not path.strip():
+        problems.append(f"key '{where}.path': required, a local file or folder or a Hub dataset id")
+    fmt = entry.get("format", AUTO_DATA_FORMAT)
+    if fmt not in DATA_FORMATS:
+        hint = suggest(str(fmt), DATA_FORMATS)
+        problems.append(
+            f"key '{where}.format': {fmt!r} is not one of {', '.join(DATA_FORMATS)}"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+        )
+    for key in ("split", "subset", "revision"):
+        if entry.get(key) is not None and not (isinstance(entry[key], str) and entry[key].strip()):
+            problems.append(f"key '{where}.{key}': expected a non-empty string, got {entry[key]!r}")
+    if "train_on" in entry:
+        problems.append(f"key '{where}.train_on': not supported yet; every assistant reply is trained on")
+    columns = entry.get("columns")
+    if columns is not None and not (
+        isinstance(columns, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items())
+    ):
+        problems.append(f"key '{where}.columns': expected an object of source column -> format key names")
+    return problems + _size_problems(entry, where, strategy)
+
+
+def _size_problems(entry: dict[str, Any], where: str, strategy: str) -> list[str]:
+    """weight under interleave (it sets the share), num_samples under concatenate (it sets the count)."""
+    weight, samples = entry.get("weight"), entry.get("num_samples")
+    if strategy == "interleave":
+        if samples is not None:
+            return [
+                f"key '{where}.num_samples': applies with mix_strategy 'concatenate'; under 'interleave' "
+                "the weights set each dataset's share"
+            ]
+        if not (_is_number(weight) and math.isfinite(weight) and weight > 0):
+            return [f"key '{where}.weight': mix_strategy 'interleave' needs a positive weight, got {weight!r}"]
+        return []
+    problems = []
+    if weight is not None:
+        problems.append(
+            f"key '{where}.weight': weights apply with mix_strategy 'interleave'; with 'concatenate' "
+            "set num_samples (or set mix_strategy: interleave)"
+        )
+    if samples is not None and not (isinstance(samples, int) and not isinstance(samples, bool) and samples > 0):
+        problems.append(f"key '{where}.num_samples': expected a positive integer, got {samples!r}")
+    return problems
+
+
+def check_datasets(values: dict[str, Any]) -> list[str]:
+    """The `datasets` / `eval_datasets` lists, mix_strategy and mix_seed."""
+    problems = []
+    strategy = values.get("mix_strategy", "concatenate")
+    if strategy not in MIX_STRATEGIES:
+        hint = suggest(str(strategy), MIX_STRATEGIES)
+        problems.append(
+            f"key 'mix_strategy': {strategy!r} is not one of {', '.join(MIX_STRATEGIES)}"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+        )
+    seed = values.get("mix_seed")
+    if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
+        problems.append(f"key 'mix_seed': must be between 0 and {MAX_SEED}, got {seed}")
+    for key, single in DATASET_LIST_KEYS.items():
+        entries = values.get(key)
+        if entries is None:
+            continue
+        if values.get(single):
+            problems.append(f"keys '{single}' and '{key}' are both set: choose one ('{single}' is a one-entry list)")
+        if values.get("task_type", "sft") != "sft":
+            problems.append(f"key '{key}': only task_type 'sft' reads a datasets list so far; use '{single}'")
+        if not entries:
+            problems.append(f"key '{key}': an empty list; give at least one {{\"path\": ...}} entry")
+        for i, entry in enumerate(entries):
+            problems += _entry_problems(entry, f"{key}[{i}]", strategy)
+    return problems
 
 
 def check_deepspeed_file(values: dict[str, Any]) -> list[str]:
@@ -143,6 +245,7 @@ BUILTIN_CHECKS: tuple[Check, ...] = (
     check_lora,
     check_lengths,
     check_data_format,
+    check_datasets,
     check_deepspeed_file,
     check_finite_numbers,
     check_no_secrets,

@@ -60,15 +60,17 @@ def build(values: dict[str, Any], source: str) -> Config:
         names = {f.name for f in dataclasses.fields(cls)}
         parts.append(cls(**{k: v for k, v in values.items() if k in names}))
     training = {**TRAINING_DEFAULTS, **{k: v for k, v in values.items() if k in TRAINING_FIELDS}}
-    if values.get("eval_file") and "eval_strategy" not in values:
+    if (values.get("eval_file") or values.get("eval_datasets")) and "eval_strategy" not in values:
         training["eval_strategy"] = "steps"
     return Config(*parts, training, source)
 
 
 def load_config(argv: list[str], checks: Sequence[Check] = ()) -> Config:
-    """Parse, validate and build the configuration. Writes nothing."""
+    """Parse, validate and build the configuration. Writes nothing.
+
+    The Config keeps `argv` as given, so the resume hint can repeat the command-line overrides."""
     values, source = load_values(argv, checks)
-    return build(values, source)
+    return dataclasses.replace(build(values, source), argv=tuple(argv))
 
 
 def config_from_values(values: dict[str, Any], checks: Sequence[Check] = (), source: str = "values") -> Config:

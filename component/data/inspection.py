@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional, TextIO
 
 from component.config import Config
-from component.data.sft import DataSummary, build_sft_dataset, read_conversations, record_messages, truncate
+from component.data.sft import DataSummary, build_sft_mixture, read_checked, record_messages, truncate
+from component.data.splits import dataset_specs, mix_seed
 from component.data.template import IGNORE_INDEX, encode, render
 from component.data.tokenizer_template import resolve_template
 
@@ -124,16 +125,18 @@ def show_sft_data(config: Config, tokenizer, options: InspectOptions, out: Optio
         f"template {template.name!r}: stop token {stop!r} (id {tokenizer.convert_tokens_to_ids(stop)}); "
         f"source: {template.source}\n"
     )
-    records = read_conversations(data.train_file, data.skip_invalid_examples, template, data.data_format).records
+    specs = dataset_specs(data.datasets, data.train_file, data.data_format)  # train_file or a `datasets` list
+    records = [r for read in read_checked(specs, data.skip_invalid_examples, template) for r in read.records]
     for n in range(options.index, min(options.index + options.num, len(records))):
         out.write(show_example(n, records[n], template, tokenizer, data.max_seq_length, color) + "\n")
-    built = build_sft_dataset(
-        data.train_file,
+    built = build_sft_mixture(
+        specs,
         template,
         tokenizer,
         data.max_seq_length,
         skip_invalid=data.skip_invalid_examples,
-        data_format=data.data_format,
+        strategy=data.mix_strategy,
+        seed=mix_seed(config),
     )
     lengths = [len(x) for x in built.dataset["input_ids"]]
     out.write(report(built.summary, lengths, data.max_seq_length) + "\n")

@@ -3,6 +3,12 @@
 A model location is a hub id, a local folder, or a local `.gguf` file
 (transformers dequantizes it on load). `load_model` returns the model ready
 for training: full (all parameters), or LoRA via peft.
+
+Requested LoRA targets are checked twice: at config time on the model built on
+the meta device from its config on disk (no weights), so a misspelt target fails
+before output_dir exists; and in `apply_lora` on the loaded model, for models
+whose config is only known once loaded. peft itself trains the targets that
+match and ignores the rest.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from typing import NamedTuple, Optional
 
 import torch
 from loguru import logger
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from component.config import Config, ModelArguments
+from component.config import Config, ModelArguments, suggest
 from component.errors import ConfigError, format_problems
 from component.model.attention import SEGMENT_SDPA, attention_for, padding_free_enabled, register_attention
 from component.model.model_types import ALL_LINEAR, lora_target_problems, model_type_info
@@ -94,39 +101,86 @@ def lora_targets(config: Config, model: PreTrainedModel):
     return list(info.lora_targets) if info.lora_targets else ALL_LINEAR
 
 
-def check_lora_targets(model_type: str, config: Config) -> None:
-    """Refuse requested LoRA targets that would not train on this model type (model_types data)."""
-    problems = lora_target_problems(model_type, config.method.lora_target_modules)
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """The leaf names of the model's linear layers (what LoRA can target), deduplicated and sorted."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layer, which peft adapts too
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+
+
+def unmatched_target_problems(model: torch.nn.Module, targets) -> list[str]:
+    """Requested LoRA targets that name no module of `model`, with the linear names and a did-you-mean.
+
+    A target matches as peft matches it: the module's full name, or a `.`-separated suffix of it.
+    Without this, peft trains the targets that matched and ignores a misspelt one.
+    """
+    if not targets or isinstance(targets, str):
+        return []
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [t for t in targets if t != ALL_LINEAR and not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return []
+    linear = linear_module_names(model)
+    problems = []
+    for target in missing:
+        close = suggest(target.rsplit(".", 1)[-1], linear)
+        hint = f" (did you mean {close!r}?)" if close else ""
+        problems.append(
+            f"key 'lora_target_modules': {target!r} matches no module of this "
+            f"{model.config.model_type} model{hint}; its linear modules are: {', '.join(linear)}"
+        )
+    return problems
+
+
+def check_lora_targets(model: PreTrainedModel, config: Config) -> None:
+    """Refuse requested LoRA targets that would not train on this model type (model_types data) or that
+    name no module of the loaded model."""
+    targets = config.method.lora_target_modules
+    problems = lora_target_problems(model.config.model_type, targets) + unmatched_target_problems(model, targets)
     if problems:
         raise ConfigError(format_problems(f"{config.source}: invalid LoRA targets", problems))
 
 
-def _cached_model_type(values: dict) -> Optional[str]:
-    """model_type from a local folder or the hub cache, never the network; None when unknown here."""
+def _cached_model_config(values: dict):
+    """The model's config from a local folder or the hub cache, never the network; None when unknown here."""
     name = values.get("model_name_or_path")
     if not name or name.endswith(GGUF_SUFFIX):
         return None
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             name, local_files_only=True, trust_remote_code=bool(values.get("trust_remote_code"))
         )
     except Exception:  # not available offline: apply_lora checks again once the model is loaded
         return None
-    return config.model_type
+
+
+def _empty_model(model_config, trust_remote_code: bool) -> Optional[PreTrainedModel]:
+    """The model's modules on the meta device: names and shapes, no weights, no memory, no time."""
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    except Exception:  # an architecture transformers cannot build here: apply_lora checks the loaded model
+        return None
 
 
 def check_lora_target_values(values: dict) -> list[str]:
-    """Config check: LoRA targets that would not train on the model's type, where its config is on disk."""
-    if values.get("train_mode", "lora") == "full" or not values.get("lora_target_modules"):
+    """Config check, where the model's config is on disk: LoRA targets that would not train on the model's
+    type, and targets that name no module of the model (built on the meta device, without weights)."""
+    targets = values.get("lora_target_modules")
+    if values.get("train_mode", "lora") == "full" or not targets:
         return []
-    model_type = _cached_model_type(values)
-    return lora_target_problems(model_type, values["lora_target_modules"]) if model_type else []
+    model_config = _cached_model_config(values)
+    if model_config is None:
+        return []
+    problems = lora_target_problems(model_config.model_type, targets)
+    empty = _empty_model(model_config, bool(values.get("trust_remote_code")))
+    return problems + (unmatched_target_problems(empty, targets) if empty is not None else [])
 
 
 def apply_lora(model: PreTrainedModel, config: Config):
     from peft import LoraConfig, get_peft_model
 
-    check_lora_targets(model.config.model_type, config)
+    check_lora_targets(model, config)
     lora = LoraConfig(
         r=config.method.lora_rank,
         lora_alpha=config.method.lora_alpha,
@@ -191,6 +245,26 @@ def warn_precision(model_type: str, dtype: torch.dtype) -> None:
         )
 
 
+def describe_cpu_bf16(model: torch.nn.Module, quantized: bool = False) -> str:
+    """What bf16 without CUDA runs: the weights' dtype and the trainable (master) parameters' dtype."""
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in trainable)) or "none"
+    if torch.bfloat16 in trainable:
+        master = (
+            f"the trainable parameters are {names}: the optimizer updates these bf16 weights themselves, "
+            "with no fp32 master copy (for fp32 master weights, set bf16: false)"
+        )
+    else:
+        master = f"the trainable parameters (the master weights the optimizer updates) stay {names}"
+    weights = "the weights not quantized to 4 bits load" if quantized else "the weights load"
+    base = " (the frozen base)" if frozen else ""
+    return (
+        f"bf16 without CUDA: {weights} in bfloat16{base}; {master}; the forward and backward "
+        "passes run under CPU autocast in bf16"
+    )
+
+
 def load_model(config: Config) -> PreTrainedModel:
     if config.method.train_mode == "qlora":
         model = load_qlora_base(config, **attention_kwargs(config))
@@ -200,6 +274,8 @@ def load_model(config: Config) -> PreTrainedModel:
     warn_precision(model.config.model_type, torch_dtype(config))
     if config.method.train_mode in ("lora", "qlora"):
         model = apply_lora(model, config)
+    if torch_dtype(config) == torch.bfloat16 and not torch.cuda.is_available():
+        logger.info(describe_cpu_bf16(model, quantized=config.method.train_mode == "qlora"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(

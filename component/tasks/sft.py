@@ -8,8 +8,8 @@ from transformers import TrainingArguments
 
 from component.config import Config
 from component.data.collator import PaddingCollator, PaddingFreeCollator
-from component.data.sft import build_sft_dataset
-from component.data.splits import TaskData, build_splits
+from component.data.sft import build_sft_mixture
+from component.data.splits import TaskData, build_mixed_splits
 from component.data.tokenizer_template import pad_eos_note, resolve_template
 from component.errors import ConfigError
 from component.model.attention import padding_free_enabled, padding_free_problem
@@ -28,9 +28,8 @@ def build_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
         max_len=config.data.max_seq_length,
         num_workers=config.data.tokenize_num_workers,
         skip_invalid=config.data.skip_invalid_examples,
-        data_format=config.data.data_format,
     )
-    train, eval_ds = build_splits(config, build_sft_dataset, **build_args)
+    train, eval_ds = build_mixed_splits(config, build_sft_mixture, **build_args)
     note = pad_eos_note(template, tokenizer, train.dataset[0]["labels"])
     if note:
         logger.log(note[0].upper(), note[1])

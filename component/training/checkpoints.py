@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -30,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
-from component.config import RESOLVED_CONFIG_NAME
+from component.config import CONFIG_FILE_FLAG, RESOLVED_CONFIG_NAME
 from component.errors import ConfigError
 from component.model.weights import pickle_problem
 
@@ -243,10 +245,36 @@ def remove_checkpoints(output_dir: str | Path) -> None:
         shutil.rmtree(folder)
 
 
+def flag_groups(argv: Sequence[str]) -> list[list[str]]:
+    """argv cut into flags, each with its value: `--key value`, `--key=value` or a bare `--flag`
+    (grouped as component/config/parse.py's split_cli reads them)."""
+    groups: list[list[str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        takes_next = arg.startswith("--") and "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        groups.append(list(argv[i : i + 1 + takes_next]))
+        i += 1 + takes_next
+    return groups
+
+
 def resume_command(config) -> str:
-    """The command line that resumes this run."""
-    source = config.source if config.source and config.source != "command line" else "CONFIG.json"
-    return f"python train.py --train_args_file {source} {RESUME_FLAG} true"
+    """The exact command that resumes this run: the config file, every command-line override, and
+    `--resume_from_checkpoint true` (replacing any given before), shell-quoted.
+
+    A Config built from a dict (no argv) names its source, or a placeholder, and no overrides."""
+    overrides = [
+        arg
+        for group in flag_groups(config.argv)
+        if group[0].partition("=")[0] not in (CONFIG_FILE_FLAG, RESUME_FLAG)
+        for arg in group
+    ]
+    has_file = bool(config.source) and config.source != "command line"
+    if config.argv:
+        file_flag = [CONFIG_FILE_FLAG, config.source] if has_file else []
+    else:
+        file_flag = [CONFIG_FILE_FLAG, config.source if has_file else "CONFIG.json"]
+    return shlex.join(["python", "train.py", *file_flag, *overrides, RESUME_FLAG, "true"])
 
 
 class CheckpointMarker(TrainerCallback):

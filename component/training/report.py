@@ -146,16 +146,20 @@ def package_versions() -> dict[str, Optional[str]]:
 
 
 def loss_summary(log_history: list[dict]) -> dict[str, Any]:
-    """Final and best training loss, and eval loss, from the Trainer's log history."""
+    """First, final, best and mean training loss, and eval loss, from the Trainer's log history.
+
+    The mean is over every logged training loss of the whole run. Not the Trainer's `train_loss`:
+    after a resume that averages only the steps since the checkpoint, whereas the log history
+    (restored from the checkpoint's trainer_state.json) holds the earlier steps too.
+    """
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    mean = [e["train_loss"] for e in log_history if "train_loss" in e]
     out: dict[str, Any] = {
         "first_loss": train[0][1] if train else None,
         "final_loss": train[-1][1] if train else None,
         "best_loss": min(x for _, x in train) if train else None,
         "best_loss_step": min(train, key=lambda t: t[1])[0] if train else None,
-        "mean_train_loss": mean[-1] if mean else None,
+        "mean_train_loss": sum(x for _, x in train) / len(train) if train else None,
         "final_eval_loss": evals[-1][1] if evals else None,
         "best_eval_loss": min(x for _, x in evals) if evals else None,
     }
@@ -225,6 +229,7 @@ class RunReportCallback(TrainerCallback, ExportableState):
         self.trainer_state = None
         self._bar = None
         self._bar_searched = False
+        self._warned_no_plot = False
 
     def observe_batch(self, inputs: dict, callbacks: list) -> None:
         """Count a training micro-batch; called by the trainer (RunHooks) for each one."""
@@ -344,10 +349,17 @@ class RunReportCallback(TrainerCallback, ExportableState):
         try:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / REPORT_FILE, self.report(status))
-            plot_losses(self.trainer_state.log_history if self.trainer_state else [], out / PLOT_FILE)
+            plotted = plot_losses(self.trainer_state.log_history if self.trainer_state else [], out / PLOT_FILE)
         except Exception as exc:  # a report must never be the reason a run fails
             logger.warning(f"could not write the run report to {out}: {exc}")
             return None
+        if plotted is None and not self._warned_no_plot:
+            self._warned_no_plot = True  # once: a report is written at every save
+            logger.warning(
+                f"no {PLOT_FILE} in {out}: no training or eval loss was logged by step "
+                f"{self.trainer_state.global_step if self.trainer_state else 0} (one is logged every "
+                f"logging_steps={self.trainer_args.logging_steps} steps, and at step 1 with logging_first_step)"
+            )
         return out / REPORT_FILE
 
 

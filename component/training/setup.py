@@ -4,7 +4,8 @@ Constructing `TrainingArguments` sets up accelerate's process state, devices
 and, under a launcher, the process group. So it happens here, once, at the
 start of the runner, never while a config is loaded:
 - a DeepSpeed config run by plain `python train.py` becomes a one-rank launch;
-- bf16 on a machine without CUDA runs on the CPU (`use_cpu`);
+- bf16 on a machine without CUDA runs on the CPU (`use_cpu`); fp16 there is refused, before anything
+  starts: the CPU has no fp16 autocast or loss scaling, so the model would train in plain float16;
 - the launcher and the hardware decide the backend (component/training/distributed.py);
 - an optimizer the device cannot run is replaced, with a warning (component/model/quantization.py).
 Errors of TrainingArguments' own checks come back as a ConfigError naming the file.
@@ -13,7 +14,7 @@ Errors of TrainingArguments' own checks come back as a ConfigError naming the fi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import TrainingArguments
@@ -22,6 +23,18 @@ from component.config import Config
 from component.errors import ConfigError
 from component.model.quantization import apply_optimizer_fallback
 from component.training import distributed
+
+
+def fp16_problem(config: Config) -> Optional[str]:
+    """fp16 needs CUDA: without it transformers would load the model in float16 and train it with no loss scaling."""
+    if not config.training.get("fp16") or torch.cuda.is_available():
+        return None
+    return (
+        f"{config.source}: key 'fp16': this machine has no CUDA GPU, and fp16 training needs one: on the CPU "
+        "there is no fp16 autocast and no loss scaling, so the model would load and train in plain float16, "
+        "where small gradients vanish and large values overflow. Use bf16: true (and fp16: false), or fp32 "
+        "(fp16 and bf16 false)."
+    )
 
 
 def machine_kwargs(config: Config) -> dict[str, Any]:
@@ -57,6 +70,9 @@ def training_arguments(
 ) -> TrainingArguments:
     """Build the run's TrainingArguments, or the task's subclass with its `extra` options: process state,
     devices, optimizer."""
+    problem = fp16_problem(config)  # before any process state: a refused run starts nothing
+    if problem:
+        raise ConfigError(problem)
     distributed.emulate_launch_for_deepspeed(config.training.get("deepspeed"))  # plain `python train.py`
     try:
         args = cls(**{**restored_defaults(cls), **machine_kwargs(config), **extra})
