@@ -1,5 +1,5 @@
 """finetune-toolkit: the layers of a run, each a subpackage, imports going down only.
 
 config -> data -> model -> training -> tasks -> runner / inference -> cli
-(.importlinter holds the contract; `lint-imports` checks it in CI).
+(the contract is [tool.importlinter] in pyproject.toml; `lint-imports` checks it in CI).
 """

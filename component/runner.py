@@ -19,6 +19,7 @@ from component.data.sft import save_problems, save_summary
 from component.data.splits import TaskData
 from component.logs import log_to_file
 from component.model.loading import load_model, load_tokenizer
+from component.model.quantization import apply_optimizer_fallback
 from component.ranks import is_main_process
 from component.tasks.registry import task_for
 from component.training.checkpoints import remove_checkpoints, resolve_resume
@@ -53,6 +54,7 @@ def run(config: Config, callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     if resume is None and config.method.overwrite_output_dir and is_main_process():
         remove_checkpoints(config.output_dir)  # never resume into the replaced run later
     out = prepare_output_dir(config, args, data)
+    apply_optimizer_fallback(args)  # after saving: train_args.json keeps the configured optim; logged
     model = load_model(config)
     trainer = task.build_trainer(config, args, model, tokenizer, data, callbacks)
     # report.json also on an error or a signal; the previous signal handlers come back however it ends.

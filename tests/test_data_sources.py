@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict
 from component.cli import main_train
 from component.config import CONFIG_FILE_FLAG
 from component.data.mixing import mix, resize
-from component.data.sft import build_sft_mixture, read_checked, read_dataset
+from component.data.sft import build_sft_mixture, read_checked, read_conversations, read_dataset
 from component.data.sources import DatasetSpec
 from component.data.template_registry import get_template
 from component.errors import USER_ERROR_EXIT_CODE, ConfigError, DataError
@@ -286,10 +286,13 @@ def test_gradient_accumulation_invariance_on_a_mixture(tmp_path, tiny_llama_dir)
 def test_training_on_a_datasets_list_writes_each_share(tmp_path, tiny_llama_dir):
     first, second = mixture_files(tmp_path)
     out = tmp_path / "out"
-    values = mixture_config(tiny_llama_dir, out, first, second, max_steps=2, eval_datasets=[{"path": str(first)}])
-    values["eval_datasets"][0]["weight"] = 1.0
+    # Eval sets are concatenated whatever the train mixture (interleave here): every eval example is kept.
+    evals = [{"path": str(first)}, {"path": str(second)}]
+    values = mixture_config(tiny_llama_dir, out, first, second, max_steps=2, eval_datasets=evals)
     trainer = train_values(values)
     assert trainer_losses(trainer) and trainer.eval_dataset is not None
+    records = sum(len(read_conversations(str(p)).records) for p in (first, second))
+    assert len(trainer.eval_dataset) == records
     summary = json.loads((out / "data_summary.json").read_text())
     sources = summary["datasets"]
     assert [(s["path"], s["data_format"]) for s in sources] == [(str(first), "messages"), (str(second), "sharegpt")]

@@ -127,7 +127,8 @@ def pings(monkeypatch) -> queue.Queue:
     from huggingface_hub.utils import _telemetry
 
     monkeypatch.delenv("CI", raising=False)  # trl sends nothing under CI
-    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "0")  # recorded, so it is put back after the test
+    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest's offline mode would also hide it
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", False)
     monkeypatch.setattr(_telemetry, "_TELEMETRY_QUEUE", queue.Queue())
@@ -149,7 +150,7 @@ def test_dpo_trainer_sends_no_telemetry(tmp_path, tiny_llama_dir, pings):
 
     build_trainer(*_dpo_parts(_dpo_values(tmp_path, tiny_llama_dir)))
     assert pings.empty()
-    assert os.environ["HF_HUB_DISABLE_TELEMETRY"] == "1"  # and every process the run starts inherits it
+    assert "HF_HUB_DISABLE_TELEMETRY" not in os.environ  # set for trl's constructor only: nothing leaks
 
 
 def test_dpo_loss_types_are_trls_documented_ones():

@@ -111,7 +111,9 @@ def test_paged_optimizer_falls_back_with_one_warning(tmp_path, tiny_llama_dir, m
     warnings: list[str] = []
     sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
     try:
-        args = training_arguments(config)  # the runner's first step: the fallback happens, and is logged, here
+        args = training_arguments(config)
+        assert args.optim.value == "paged_adamw_8bit"  # saved as configured (train_args.json), then replaced
+        quantization.apply_optimizer_fallback(args)
         quantization.apply_optimizer_fallback(args)  # already replaced: no second warning
     finally:
         logger.remove(sink)

@@ -28,6 +28,7 @@ from component.training.checkpoints import (
     resolve_resume,
 )
 from component.training.outputs import META_FILE
+from component.training.setup import training_arguments
 from tests.conftest import base_config, write_config
 from tests.runs import (
     SAVE_STEPS,
@@ -316,11 +317,13 @@ def test_changed_settings_are_reported_on_resume(tmp_path, tiny_llama_dir, warni
     path = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, out, max_prompt_length=64))
     from component.config import save_config
 
-    save_config(load_config([CONFIG_FILE_FLAG, str(path)]).to_dict(), str(out))
+    # As the runner saves and compares them: with the built TrainingArguments (every resolved value).
+    first = load_config([CONFIG_FILE_FLAG, str(path)])
+    save_config(first.to_dict(training_arguments(first)), str(out))
     fake_checkpoint(out, 4)
     same = load_config([CONFIG_FILE_FLAG, str(path), "--resume_from_checkpoint", "true", "--save_steps", "7"])
-    resolve_resume(same)
+    resolve_resume(same, training_arguments(same))
     assert not any("differ" in w for w in warnings)
     changed = load_config([CONFIG_FILE_FLAG, str(path), "--resume_from_checkpoint", "true", "--learning_rate", "0.5"])
-    resolve_resume(changed)
+    resolve_resume(changed, training_arguments(changed))
     assert any("differ from the interrupted run" in w and "learning_rate: 0.01 -> 0.5" in w for w in warnings)

@@ -80,7 +80,7 @@ class DataArguments:
         },
     )
     eval_datasets: Optional[list[dict[str, Any]]] = field(
-        default=None, metadata={"help": "SFT: evaluation datasets instead of eval_file, entries as in datasets."}
+        default=None, metadata={"help": "SFT: evaluation datasets instead of eval_file, entries as in datasets, always concatenated."}
     )
     mix_strategy: str = field(
         default="concatenate",
@@ -219,5 +219,7 @@ class Config:
         for part in (self.model, self.data, self.method):
             out.update(dataclasses.asdict(part))
         training = training_args.to_dict() if training_args is not None else dict(self.training)
-        out.update({k: v for k, v in training.items() if k not in SECRET_KEYS})
+        # TrainingArguments' fields only: a task's subclass (trl's DPOConfig) repeats our dpo_* keys and
+        # would overwrite ours with its own names and defaults (its padding_free, say).
+        out.update({k: v for k, v in training.items() if k in TRAINING_FIELDS and k not in SECRET_KEYS})
         return out

@@ -180,7 +180,8 @@ def check_datasets(values: dict[str, Any]) -> list[str]:
         if not entries:
             problems.append(f"key '{key}': an empty list; give at least one {{\"path\": ...}} entry")
         for i, entry in enumerate(entries):
-            problems += _entry_problems(entry, f"{key}[{i}]", strategy)
+            # Eval sets are always concatenated (component/data/splits.py): no weights there.
+            problems += _entry_problems(entry, f"{key}[{i}]", strategy if key == "datasets" else "concatenate")
     return problems
 
 

@@ -64,6 +64,7 @@ def build_mixed_splits(config: Config, build: Callable, **args) -> tuple[Any, Op
     eval_specs = dataset_specs(data.eval_datasets, data.eval_file, data.data_format)
     if not eval_specs:
         return train, None
-    ev = build(eval_specs, **mixing, **args)
+    # Eval sets are concatenated whatever the train mixture: an interleave would drop eval examples.
+    ev = build(eval_specs, strategy="concatenate", seed=mixing["seed"], **args)
     logger.info(f"eval data {_names(eval_specs)}: {ev.summary.describe()}")
     return train, ev.dataset

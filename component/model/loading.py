@@ -147,18 +147,16 @@ def _cached_model_config(values: dict):
     if not name or name.endswith(GGUF_SUFFIX):
         return None
     try:
-        return AutoConfig.from_pretrained(
-            name, local_files_only=True, trust_remote_code=bool(values.get("trust_remote_code"))
-        )
+        return AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception:  # not available offline: apply_lora checks again once the model is loaded
         return None
 
 
-def _empty_model(model_config, trust_remote_code: bool) -> Optional[PreTrainedModel]:
+def _empty_model(model_config) -> Optional[PreTrainedModel]:
     """The model's modules on the meta device: names and shapes, no weights, no memory, no time."""
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+            return AutoModelForCausalLM.from_config(model_config)
     except Exception:  # an architecture transformers cannot build here: apply_lora checks the loaded model
         return None
 
@@ -167,13 +165,13 @@ def check_lora_target_values(values: dict) -> list[str]:
     """Config check, where the model's config is on disk: LoRA targets that would not train on the model's
     type, and targets that name no module of the model (built on the meta device, without weights)."""
     targets = values.get("lora_target_modules")
-    if values.get("train_mode", "lora") == "full" or not targets:
-        return []
+    if values.get("train_mode", "lora") == "full" or not targets or values.get("trust_remote_code"):
+        return []  # remote code: loading a config runs none of the model's code; apply_lora checks it loaded
     model_config = _cached_model_config(values)
     if model_config is None:
         return []
     problems = lora_target_problems(model_config.model_type, targets)
-    empty = _empty_model(model_config, bool(values.get("trust_remote_code")))
+    empty = _empty_model(model_config)
     return problems + (unmatched_target_problems(empty, targets) if empty is not None else [])
 
 

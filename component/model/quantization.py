@@ -3,7 +3,7 @@
 QLoRA keeps the base model frozen in bitsandbytes NF4 with double
 quantization and trains LoRA adapters on top, in the compute dtype the config
 chooses (fp32, fp16 or bf16). Modules that must stay unquantized are data in
-`component/model_types.py` (`quantization_skip`), never a branch on a name.
+`component/model/model_types.py` (`quantization_skip`), never a branch on a name.
 
 Under torchrun each rank loads its own copy on its own GPU (`LOCAL_RANK`);
 on the CPU the model stays on the CPU, where bitsandbytes >= 0.49 runs 4-bit.

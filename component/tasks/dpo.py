@@ -10,8 +10,10 @@ every step, as in SFT.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from transformers import TrainingArguments
@@ -121,35 +123,45 @@ def _trainer_class():
     return PreferenceTrainer
 
 
-def disable_telemetry() -> None:
-    """No usage ping from trl's trainers: we never contact a remote service unasked.
+@contextlib.contextmanager
+def telemetry_disabled() -> Iterator[None]:
+    """No usage ping from trl's trainer: we never contact a remote service unasked.
 
     trl pings from its trainer's constructor through huggingface_hub's `send_telemetry`,
-    which `HF_HUB_DISABLE_TELEMETRY` turns off. The variable reaches every process the
-    run starts; this process read it once, when transformers imported huggingface_hub,
-    so the constant `send_telemetry` checks is set as well.
+    which `HF_HUB_DISABLE_TELEMETRY` turns off. This process read that variable once, when
+    transformers imported huggingface_hub, so the constant `send_telemetry` checks is set
+    too. Both are put back afterwards: nothing leaks into the rest of the process.
     """
     from huggingface_hub import constants
 
+    env, constant = os.environ.get(TELEMETRY_ENV), constants.HF_HUB_DISABLE_TELEMETRY
     os.environ[TELEMETRY_ENV] = "1"
     constants.HF_HUB_DISABLE_TELEMETRY = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_DISABLE_TELEMETRY = constant
+        if env is None:
+            os.environ.pop(TELEMETRY_ENV, None)
+        else:
+            os.environ[TELEMETRY_ENV] = env
 
 
 def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callbacks=()):
-    disable_telemetry()  # before trl's constructor, which sends the ping
     ref_model = None
     if config.method.train_mode == "full" and not args.precompute_ref_log_probs:
         ref_model = frozen_copy(config, model)
-    return _trainer_class()(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        max_nonfinite_steps=config.method.max_nonfinite_steps,
-        callbacks=callbacks,
-    )
+    with telemetry_disabled():  # trl's constructor sends the ping
+        return _trainer_class()(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            max_nonfinite_steps=config.method.max_nonfinite_steps,
+            callbacks=callbacks,
+        )
 
 
 def check_dpo_values(values: dict[str, Any]) -> list[str]:

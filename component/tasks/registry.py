@@ -10,6 +10,7 @@ from typing import Any
 
 from component.config import Check, suggest
 from component.data.tokenizer_template import check_template_name
+from component.errors import ConfigError
 from component.model.loading import check_lora_target_values
 from component.model.weights import check_model_pickles
 from component.tasks import dpo, pretrain, sft
@@ -47,4 +48,6 @@ CONFIG_CHECKS: tuple[Check, ...] = (check_task_type, *SHARED_CHECKS, check_task_
 
 
 def task_for(name: str) -> Task:
+    if name not in TASKS:  # a Config built without CONFIG_CHECKS
+        raise ConfigError(check_task_type({"task_type": name})[0])
     return TASKS[name]

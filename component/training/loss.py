@@ -65,8 +65,6 @@ class HeadParts:
     decoder: nn.Module
     head: nn.Module
     softcap: Optional[float]
-    model: nn.Module
-    """The transformers model under any wrappers (its loss_function serves forwards that keep logits)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -90,7 +88,7 @@ def find_head_parts(model: nn.Module) -> Optional[HeadParts]:
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
     if head is None or decoder is None or decoder is lm:
         return None
-    return HeadParts(decoder, head, getattr(config, SOFTCAP_KEY, None), lm)
+    return HeadParts(decoder, head, getattr(config, SOFTCAP_KEY, None))
 
 
 def _plain_linear(head: nn.Module) -> bool:
@@ -441,10 +439,10 @@ def lean_causal_lm_loss(
 class LeanLoss:
     """The lean loss as transformers' `compute_loss_func` (Trainer's public loss hook).
 
-    The trainer runs the model's forward inside `capture(...)` with `model_inputs(...)`: no logits
+    The trainer runs the model's forward inside `capture()` with `model_inputs(...)`: no logits
     and the decoder's hidden state kept. The hook is then called with the model's outputs and the
-    labels Trainer.compute_loss popped. A forward made outside `capture` (an evaluation that wants
-    the logits) gets the model's own loss function over its full logits.
+    labels Trainer.compute_loss popped. A forward that wants logits never comes here: the trainer
+    unsets the hook for it (component/training/trainer.py).
     """
 
     def __init__(self, parts: HeadParts, sink: Optional[TiedHeadGrad] = None):
@@ -456,7 +454,7 @@ class LeanLoss:
         return _no_logits(inputs)
 
     @contextlib.contextmanager
-    def capture(self, inputs: dict) -> Iterator[None]:
+    def capture(self) -> Iterator[None]:
         with hidden_state_hook(self.parts) as captured:
             self._captured = captured
             try:
@@ -466,15 +464,9 @@ class LeanLoss:
 
     def __call__(self, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
         hidden = self._captured.pop("hidden", None) if self._captured is not None else None
-        if hidden is not None:
-            return lean_loss_from_hidden(hidden, labels, self.parts, num_items_in_batch, self.sink)
-        lm = self.parts.model
-        return lm.loss_function(
-            logits=outputs["logits"],
-            labels=labels,
-            vocab_size=lm.config.get_text_config().vocab_size,
-            num_items_in_batch=num_items_in_batch,
-        )
+        if hidden is None:
+            raise RuntimeError("LeanLoss called without a captured forward (run the model inside capture())")
+        return lean_loss_from_hidden(hidden, labels, self.parts, num_items_in_batch, self.sink)
 
 
 @functools.lru_cache(maxsize=1)

@@ -145,6 +145,16 @@ def package_versions() -> dict[str, Optional[str]]:
     return found
 
 
+def _step_weighted_mean(losses: list[tuple[int, float]]) -> Optional[float]:
+    """Mean loss per step: each logged loss averages the steps since the previous log, so it weighs that many."""
+    if not losses:
+        return None
+    weights = [step - previous for (previous, _), (step, _) in zip([(0, 0.0), *losses], losses, strict=False)]
+    if sum(weights) <= 0:
+        return sum(x for _, x in losses) / len(losses)
+    return sum(w * x for w, (_, x) in zip(weights, losses, strict=True)) / sum(weights)
+
+
 def loss_summary(log_history: list[dict]) -> dict[str, Any]:
     """First, final, best and mean training loss, and eval loss, from the Trainer's log history.
 
@@ -159,7 +169,7 @@ def loss_summary(log_history: list[dict]) -> dict[str, Any]:
         "final_loss": train[-1][1] if train else None,
         "best_loss": min(x for _, x in train) if train else None,
         "best_loss_step": min(train, key=lambda t: t[1])[0] if train else None,
-        "mean_train_loss": sum(x for _, x in train) / len(train) if train else None,
+        "mean_train_loss": _step_weighted_mean(train),
         "final_eval_loss": evals[-1][1] if evals else None,
         "best_eval_loss": min(x for _, x in evals) if evals else None,
     }

@@ -21,7 +21,6 @@ from transformers import TrainingArguments
 
 from component.config import Config
 from component.errors import ConfigError
-from component.model.quantization import apply_optimizer_fallback
 from component.training import distributed
 
 
@@ -78,5 +77,4 @@ def training_arguments(
         args = cls(**{**restored_defaults(cls), **machine_kwargs(config), **extra})
     except (ValueError, TypeError, ImportError, OverflowError) as exc:  # OverflowError: a huge ddp_timeout
         raise ConfigError(f"{config.source}: invalid training arguments: {exc}") from None
-    apply_optimizer_fallback(args)
     return args

@@ -83,10 +83,22 @@ class FinetuneTrainer(RunHooks, Trainer):
             logger.info("tied head and embedding: one gradient buffer (the lookup's gradient is sparse until added)")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.lean is None or return_outputs or "labels" not in inputs:
+        if self.lean is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with self.lean.capture(inputs):
-            return super().compute_loss(model, self.lean.model_inputs(inputs), return_outputs, num_items_in_batch)
+        if return_outputs or "labels" not in inputs:
+            # Logits wanted, or nothing to learn: the model's own loss, exactly as upstream (label smoothing too).
+            self.compute_loss_func = None
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.compute_loss_func = self.lean
+        with self.lean.capture():
+            loss = super().compute_loss(model, self.lean.model_inputs(inputs), False, num_items_in_batch)
+        if num_items_in_batch is None and model.training:
+            # With a loss hook set, training_step no longer divides by the accumulation steps; a loss
+            # normalised by this micro-batch's own count (no num_items_in_batch) still needs it.
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
 
     def train(self, *args, **kwargs):
         if self.tied_grad is not None:
