@@ -80,7 +80,10 @@ class DataArguments:
         },
     )
     eval_datasets: Optional[list[dict[str, Any]]] = field(
-        default=None, metadata={"help": "SFT: evaluation datasets instead of eval_file, entries as in datasets, always concatenated."}
+        default=None,
+        metadata={
+            "help": "SFT: evaluation datasets instead of eval_file, entries as in datasets, always concatenated."
+        },
     )
     mix_strategy: str = field(
         default="concatenate",
