@@ -42,7 +42,7 @@ def check_required(values: dict[str, Any]) -> list[str]:
 
 def check_train_mode(values: dict[str, Any]) -> list[str]:
     mode = values.get("train_mode", "lora")
-    return [] if mode in TRAIN_MODES else [f"key 'train_mode': {mode!r} is not one of {', '.join(TRAIN_MODES)}"]
+    return choice_problems("train_mode", mode, TRAIN_MODES)
 
 
 def check_precision(values: dict[str, Any]) -> list[str]:
@@ -84,15 +84,18 @@ def check_lengths(values: dict[str, Any]) -> list[str]:
     return problems
 
 
-def check_data_format(values: dict[str, Any]) -> list[str]:
-    fmt = values.get("data_format", AUTO_DATA_FORMAT)
-    if fmt in DATA_FORMATS:
+def choice_problems(key: str, value: Any, choices) -> list[str]:
+    """[] when `value` is one of `choices`, else the problem naming the key, the choices and the closest one."""
+    if value in choices:
         return []
-    hint = suggest(str(fmt), DATA_FORMATS)
+    hint = suggest(str(value), choices)
     return [
-        f"key 'data_format': {fmt!r} is not one of {', '.join(DATA_FORMATS)}"
-        + (f" (did you mean {hint!r}?)" if hint else "")
+        f"key '{key}': {value!r} is not one of {', '.join(choices)}" + (f" (did you mean {hint!r}?)" if hint else "")
     ]
+
+
+def check_data_format(values: dict[str, Any]) -> list[str]:
+    return choice_problems("data_format", values.get("data_format", AUTO_DATA_FORMAT), DATA_FORMATS)
 
 
 def _is_number(value: Any) -> bool:
@@ -113,13 +116,7 @@ def _entry_problems(entry: dict[str, Any], where: str, strategy: str) -> list[st
     path = entry.get("path")
     if not isinstance(path, str) or not path.strip():
         problems.append(f"key '{where}.path': required, a local file or folder or a Hub dataset id")
-    fmt = entry.get("format", AUTO_DATA_FORMAT)
-    if fmt not in DATA_FORMATS:
-        hint = suggest(str(fmt), DATA_FORMATS)
-        problems.append(
-            f"key '{where}.format': {fmt!r} is not one of {', '.join(DATA_FORMATS)}"
-            + (f" (did you mean {hint!r}?)" if hint else "")
-        )
+    problems += choice_problems(f"{where}.format", entry.get("format", AUTO_DATA_FORMAT), DATA_FORMATS)
     for key in ("split", "subset", "revision"):
         if entry.get(key) is not None and not (isinstance(entry[key], str) and entry[key].strip()):
             problems.append(f"key '{where}.{key}': expected a non-empty string, got {entry[key]!r}")
@@ -160,12 +157,7 @@ def check_datasets(values: dict[str, Any]) -> list[str]:
     """The `datasets` / `eval_datasets` lists, mix_strategy and mix_seed."""
     problems = []
     strategy = values.get("mix_strategy", "concatenate")
-    if strategy not in MIX_STRATEGIES:
-        hint = suggest(str(strategy), MIX_STRATEGIES)
-        problems.append(
-            f"key 'mix_strategy': {strategy!r} is not one of {', '.join(MIX_STRATEGIES)}"
-            + (f" (did you mean {hint!r}?)" if hint else "")
-        )
+    problems += choice_problems("mix_strategy", strategy, MIX_STRATEGIES)
     seed = values.get("mix_seed")
     if isinstance(seed, int) and not 0 <= seed <= MAX_SEED:
         problems.append(f"key 'mix_seed': must be between 0 and {MAX_SEED}, got {seed}")

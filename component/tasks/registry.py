@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from component.config import Check, suggest
+from component.config import Check
+from component.config.checks import choice_problems
 from component.data.tokenizer_template import check_template_name
 from component.errors import ConfigError
 from component.model.loading import check_lora_target_values
@@ -29,13 +30,7 @@ SHARED_CHECKS: tuple[Check, ...] = (
 
 
 def check_task_type(values: dict[str, Any]) -> list[str]:
-    task = values.get("task_type", DEFAULT_TASK)
-    if task in TASKS:
-        return []
-    hint = suggest(str(task), TASKS)
-    return [
-        f"key 'task_type': {task!r} is not one of {', '.join(TASKS)}" + (f" (did you mean {hint!r}?)" if hint else "")
-    ]
+    return choice_problems("task_type", values.get("task_type", DEFAULT_TASK), TASKS)
 
 
 def check_task_keys(values: dict[str, Any]) -> list[str]:
