@@ -22,6 +22,21 @@ LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
 
 
 @pytest.fixture(scope="session")
+def official():
+    """The official tokenizer (and chat template) of a family in tests/assets/tokenizers/, loaded once."""
+    from transformers import AutoTokenizer
+
+    cache = {}
+
+    def load(name):
+        if name not in cache:
+            cache[name] = AutoTokenizer.from_pretrained(ROOT / "tests" / "assets" / "tokenizers" / name)
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
 

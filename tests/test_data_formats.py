@@ -16,7 +16,6 @@ from typing import Optional
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 import train
 from component.config import CONFIG_FILE_FLAG, DATA_FORMATS
@@ -30,7 +29,7 @@ from script import inspect_data
 from tests.conftest import TINY_SFT, base_config, write_config
 from tests.runs import config_of, trainer_losses
 from tests.runs import train as train_values
-from tests.test_templates_parity import ASSETS, CASES, JINJA_FAMILIES
+from tests.test_templates_parity import CASES, JINJA_FAMILIES
 from tests.tiny import tiny_tokenizer
 
 CASE_NAMES = sorted(CASES)
@@ -125,18 +124,6 @@ def tokenized(tmp_path: Path, writer, template, tok, **kwargs) -> tuple[dict, st
     assert len(data.dataset) == len(cases)
     rows = {c: (row["input_ids"], row["labels"]) for c, row in zip(cases, data.dataset, strict=True)}
     return rows, data.summary.data_format
-
-
-@pytest.fixture(scope="module")
-def official():
-    cache = {}
-
-    def load(name):
-        if name not in cache:
-            cache[name] = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / name)
-        return cache[name]
-
-    return load
 
 
 # ---------------------------------------------------------------- parity across formats

@@ -34,18 +34,6 @@ CASES = {
 JINJA_FAMILIES = [("smollm2", "smollm"), ("llama3_1", "llama3"), ("qwen3", "qwen3"), ("gemma3", "gemma")]
 
 
-@pytest.fixture(scope="module")
-def official():
-    cache = {}
-
-    def load(name):
-        if name not in cache:
-            cache[name] = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / name)
-        return cache[name]
-
-    return load
-
-
 def tiny_like(tok, template):
     """Our tiny tokenizer, speaking the family's special tokens, with the official chat template."""
     tiny = tiny_tokenizer(bos=tok.bos_token or "<s>", eos=tok.eos_token)
