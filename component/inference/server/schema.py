@@ -1,13 +1,16 @@
 """The HTTP API's request schema and its errors, as OpenAI's chat completion API has them.
 
-`ChatRequest` holds the request fields we honour (others are ignored);
-`ApiError` is answered as OpenAI answers errors: {"error": {message, type,
-param, code}} with a 4xx status, never a traceback.
+`ChatRequest` holds the request fields we honour. Fields that would change
+what the reply must be, and that we cannot honour (`tools`, `functions`, a
+`response_format` other than text, `logprobs`), are refused rather than
+ignored; other unknown fields are ignored. `ApiError` is answered as OpenAI
+answers errors: {"error": {message, type, param, code}} with a 4xx status,
+never a traceback.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -37,7 +40,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat completion request that we honour; others are ignored."""
+    """The fields of OpenAI's chat completion request that we honour, and those we refuse; others are ignored."""
 
     model_config = ConfigDict(extra="ignore")
     model: Optional[str] = None
@@ -50,6 +53,25 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)
+    # Read only to refuse them (`unsupported`): a client that sends them expects a different reply.
+    tools: Optional[list[Any]] = None
+    functions: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+    logprobs: Optional[bool] = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(param, what it asks for) for each field this request sets that the server cannot honour."""
+        asked = [
+            ("tools", "tool calling", bool(self.tools)),
+            ("functions", "function calling", bool(self.functions)),
+            (
+                "response_format",
+                "a response_format other than text",
+                (self.response_format or {}).get("type", "text") != "text",
+            ),
+            ("logprobs", "logprobs", bool(self.logprobs)),
+        ]
+        return [(param, what) for param, what, is_set in asked if is_set]
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -66,13 +88,15 @@ class ApiError(Exception):
         param: Optional[str] = None,
         code: Optional[str] = None,
         kind: str = "invalid_request_error",
+        headers: Optional[dict[str, str]] = None,
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:
