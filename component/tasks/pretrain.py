@@ -1,5 +1,5 @@
-"""The pretrain task: packed text blocks (component/data/packing.py), a packing mode checked on the
-loaded model, and transformers' Trainer.
+"""The pretrain task: packed text blocks (component/data/packing.py, or streamed while training:
+component/data/streaming.py), a packing mode checked on the loaded model, and transformers' Trainer.
 
 How attention is kept inside a document is chosen per model (`PackingMode`),
 after a check on the loaded model: the model's own handling of restarting
@@ -17,10 +17,13 @@ from loguru import logger
 from transformers import TrainingArguments
 
 from component.config import Config
-from component.data.packing import PackedCollator, PackingMode, cache_root, load_packed
+from component.data import streaming
+from component.data.cache import cache_root
+from component.data.packing import PackedCollator, PackingMode, load_packed
 from component.data.splits import TaskData, build_splits
 from component.model.model_types import model_type_info
 from component.tasks.task import Task
+from component.training.setup import training_arguments
 from component.training.trainer import build_finetune_trainer
 
 # The probe that checks document isolation on the loaded model: two short
@@ -105,7 +108,40 @@ def choose_collator(model, pad_token_id: int, verify: bool = True) -> PackedColl
 # ---------------------------------------------------------------- task entry points
 
 
+def pretrain_arguments(config: Config) -> TrainingArguments:
+    """TrainingArguments; a streaming run also gets the settings its resume and its ranks rely on."""
+    args = training_arguments(config)
+    if config.data.streaming:
+        streaming.configure_trainer_arguments(args)
+    return args
+
+
+def build_streaming_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
+    """train_file as a stream of packed blocks; eval_file (small) packed and cached as usual."""
+    data = config.data
+    stream = streaming.open_stream(
+        data.train_file, tokenizer, data.max_seq_length, args, skip_invalid=data.skip_invalid_examples
+    )
+    logger.info(f"train data {data.train_file}: {stream.summary.describe()}")
+    eval_ds = None
+    if data.eval_file:
+        with args.main_process_first(desc="pretrain eval data"):
+            ev = load_packed(
+                data.eval_file,
+                tokenizer,
+                data.max_seq_length,
+                cache_root(config),
+                data.tokenize_num_workers,
+                data.skip_invalid_examples,
+            )
+        logger.info(f"eval data {data.eval_file}: {ev.summary.describe()}")
+        eval_ds = ev.dataset
+    return TaskData(stream, eval_ds, PackedCollator(tokenizer.pad_token_id), stream.summary, [])
+
+
 def build_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
+    if config.data.streaming:
+        return build_streaming_data(config, args, tokenizer)
     cache_dir = cache_root(config)
     build_args = dict(
         tokenizer=tokenizer,
@@ -128,6 +164,9 @@ def build_trainer(config: Config, args: TrainingArguments, model, tokenizer, dat
     model.config.use_cache = False
     # Under ZeRO-3 the weights are sharded before the Trainer exists: trust the model type's entry.
     collator = choose_collator(model, data.collator.pad_token_id, verify=not is_deepspeed_zero3_enabled())
+    if isinstance(data.train, streaming.PackedStream):
+        # The stream's position goes into every checkpoint and comes back on resume.
+        callbacks = [*callbacks, streaming.StreamPositionCallback(data.train)]
     return build_finetune_trainer(config, args, model, tokenizer, data._replace(collator=collator), callbacks)
 
 
@@ -138,4 +177,6 @@ def check_pretrain_values(values: dict[str, Any]) -> list[str]:
     return []
 
 
-TASK = Task("pretrain", build_data, build_trainer, checks=(check_pretrain_values,))
+TASK = Task(
+    "pretrain", build_data, build_trainer, checks=(check_pretrain_values,), training_arguments=pretrain_arguments
+)
