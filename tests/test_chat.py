@@ -11,8 +11,10 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import GenerationConfig
 
-from component.data.template import Message
+from component.data.template import Message, generation_prompt, stop_token_ids
 from component.inference import chat
 from component.inference.chat import ChatSettings
 from component.inference.generation import InferenceError, _stream_text, generate, load_for_inference
@@ -145,6 +147,98 @@ def test_ctrl_c_during_generation_stops_cleanly(loaded):
     assert not _generate_threads()
     # the model is still usable afterwards
     assert "".join(generate(loaded, [Message("user", "Name a colour.")], max_new_tokens=MAX_NEW)).strip()
+
+
+def _recording_generate(monkeypatch) -> list[dict]:
+    """Each call of chat's `generate`: its keyword arguments, and the model's repetition_penalty as it starts."""
+    calls: list[dict] = []
+    original = chat.generate
+
+    def recording(model, messages, **kw):
+        calls.append({**kw, "messages": list(messages)})
+        for piece in original(model, messages, **kw):
+            calls[-1]["model_penalty"] = model.model.generation_config.repetition_penalty
+            yield piece
+
+    monkeypatch.setattr(chat, "generate", recording)
+    return calls
+
+
+def test_an_interrupted_reply_is_not_kept_in_the_history(loaded, monkeypatch):
+    calls = _recording_generate(monkeypatch)
+    lines = iter(["hello there", "What is two plus two?", "/exit"])
+    out = _InterruptingOut()
+    out.fired = True  # not on the session's header
+
+    def read(_prompt):
+        line = next(lines)
+        out.fired = line != "hello there"  # Ctrl-C on this question's first reply text
+        return line
+
+    chat.interactive(loaded, ChatSettings(max_new_tokens=8), read=read, out=out)
+    # Neither the stopped question nor its partial reply reaches the next turn.
+    assert [[m.role for m in c["messages"]] for c in calls] == [["user"], ["user"]]
+    assert calls[1]["messages"][0].content == "What is two plus two?"
+    assert chat.STOPPED_NOTE in out.getvalue() and chat.NOT_KEPT_NOTE in out.getvalue()
+
+
+def test_sampling_defaults_come_from_the_generation_config():
+    sampling = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    got = chat.resolve_sampling(ChatSettings(), sampling)
+    assert (got.temperature, got.top_p, got.repetition_penalty) == (0.7, 0.9, 1.2)
+    flags = chat.resolve_sampling(ChatSettings(temperature=0.0, repetition_penalty=1.0), sampling)
+    assert (flags.temperature, flags.top_p, flags.repetition_penalty) == (0.0, 0.9, 1.0)
+    # A model that does not sample is greedy, whatever temperature its config lists.
+    for greedy in (GenerationConfig(), GenerationConfig(temperature=0.6, top_p=0.8)):
+        got = chat.resolve_sampling(ChatSettings(), greedy)
+        assert (got.temperature, got.repetition_penalty) == (0.0, 1.0)
+    assert chat.resolve_sampling(ChatSettings(), GenerationConfig(do_sample=True)).temperature == 1.0
+
+
+def test_a_reply_samples_as_the_model_config_says(loaded, monkeypatch):
+    calls = _recording_generate(monkeypatch)
+    sampling = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.2)
+    monkeypatch.setattr(loaded.model, "generation_config", sampling)
+    out = io.StringIO()
+    chat.stream_reply(loaded, [Message("user", "hello there")], ChatSettings(max_new_tokens=4), out)
+    chat.stream_reply(loaded, [Message("user", "hello there")], ChatSettings(max_new_tokens=4, top_p=0.5), out)
+    assert [(c["temperature"], c["top_p"]) for c in calls] == [(0.7, 0.9), (0.7, 0.5)]
+    assert [c.get("model_penalty") for c in calls] == [1.2, 1.2]
+
+
+def _reference_reply(loaded, messages: list[Message], max_new_tokens: int, **generation) -> str:
+    """Greedy decoding by model.generate with `generation` passed explicitly, cut at the first stop token."""
+    tok = loaded.tokenizer
+    ids = tok(generation_prompt(loaded.template, tok, messages), add_special_tokens=False, return_tensors="pt")
+    stops = stop_token_ids(loaded.template, tok)
+    with torch.inference_mode():
+        new = loaded.model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops, **generation
+        )[0, ids.input_ids.shape[1] :].tolist()
+    cut = next((i for i, t in enumerate(new) if t in stops), len(new))
+    return tok.decode(new[:cut], skip_special_tokens=False)
+
+
+def test_repetition_penalty_reaches_the_model(loaded, monkeypatch):
+    calls = _recording_generate(monkeypatch)
+    messages = [Message("user", "What is two plus two?")]
+
+    def reply(penalty):
+        return chat.stream_reply(loaded, messages, ChatSettings(max_new_tokens=MAX_NEW, repetition_penalty=penalty))
+
+    penalised, _ = reply(5.0)
+    assert calls[-1]["model_penalty"] == 5.0
+    assert penalised == _reference_reply(loaded, messages, MAX_NEW, repetition_penalty=5.0)
+    assert penalised != reply(None)[0] == _reference_reply(loaded, messages, MAX_NEW)
+    assert loaded.model.generation_config.repetition_penalty is None  # the model's own setting, back
+
+
+def test_chat_script_sampling_flags():
+    args = chat_script.parse_args(["--model", "m", "--repetition_penalty", "1.2", "--top_p", "0.9"])
+    assert chat_script.settings(args) == ChatSettings(top_p=0.9, repetition_penalty=1.2)
+    with pytest.raises(SystemExit) as exc:
+        chat_script.parse_args(["--model", "m", "--repetition_penalty", "0", "--top_p", "1.5"])
+    assert exc.value.code == 2
 
 
 def _ids(tok, text: str) -> list[int]:

@@ -208,3 +208,22 @@ def test_no_logged_loss_writes_the_report_and_says_why_there_is_no_plot(tmp_path
     warned = [m for m in messages if report.PLOT_FILE in m]
     assert len(warned) == 1 and "no training or eval loss was logged by step 2" in warned[0]
     assert "logging_steps=50" in warned[0]
+
+
+def test_tensorboard_gets_the_token_rate_and_counts(tmp_path, tiny_llama_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = _config(tmp_path, tiny_llama_dir, max_steps=3, report_to="tensorboard")
+    assert main_train(["--train_args_file", str(config)]) == 0
+    got = json.loads((tmp_path / "out" / report.REPORT_FILE).read_text())
+    (events,) = {p.parent for p in (tmp_path / "out" / "runs").rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(events)).Reload()
+    steps = {key: [e.step for e in scalars.Scalars(f"train/{key}")] for key in ("loss", *report.COUNT_KEYS)}
+    assert all(logged == [1, 2, 3] for logged in steps.values()), steps
+    rates = scalars.Scalars(f"train/{report.TOKENS_PER_SECOND_KEY}")
+    assert len(rates) == 3 and all(e.value > 0 for e in rates)
+    last = {key: scalars.Scalars(f"train/{key}")[-1].value for key in report.COUNT_KEYS}
+    # The counts of the whole run, as report.json has them; they only grow.
+    assert last == {key: got[key] for key in report.COUNT_KEYS}
+    supervised = [e.value for e in scalars.Scalars("train/supervised_tokens_seen")]
+    assert supervised == sorted(supervised) and supervised[0] > 0

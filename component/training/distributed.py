@@ -121,9 +121,8 @@ def shutdown(status: int) -> None:
     it exits the same way without the barrier, which the other ranks may never
     reach. Without a process group this returns and the caller exits as usual.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    dist = sys.modules.get("torch.distributed")  # never imported (train.py --help): no group to end
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
         return
     if status == 0:
         dist.barrier()

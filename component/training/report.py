@@ -11,7 +11,9 @@ Tokens are counted from the batches themselves (`observe_batch`, called by
 ones `attention_mask` marks, or, for padding-free batches (no mask; packed
 rows whose `position_ids` restart at 0), every token; supervised tokens are
 labels other than IGNORE_INDEX. Counts are summed over processes once per
-optimizer step, so the report covers the whole run, not one rank.
+optimizer step, so the report covers the whole run, not one rank. Every
+training record of the log carries the rate and the counts so far
+(`log_metrics`), so TensorBoard plots them too.
 
 The plot uses matplotlib's object API with the Agg canvas: no display, no
 pyplot global state.
@@ -34,7 +36,7 @@ from typing import Any, Optional
 import torch
 from loguru import logger
 from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState, ProgressCallback
+from transformers.trainer_callback import ExportableState
 
 from component.data.template import IGNORE_INDEX
 from component.ranks import is_main_process
@@ -53,6 +55,10 @@ STATUS_RUNNING = "running"
 STATUS_FINISHED = "finished"
 STATUS_STOPPED = "stopped early"
 STATUS_INTERRUPTED = "interrupted"
+
+# What each training record of the log gets (`RunReportCallback.log_metrics`), named as in report.json.
+TOKENS_PER_SECOND_KEY = "tokens_per_second"
+COUNT_KEYS = ("examples_seen", "real_tokens_seen", "supervised_tokens_seen")
 
 
 # ---------------------------------------------------------------- counting
@@ -237,21 +243,11 @@ class RunReportCallback(TrainerCallback, ExportableState):
         self.train_examples: Optional[int] = None
         self.trainer_args = None
         self.trainer_state = None
-        self._bar = None
-        self._bar_searched = False
         self._warned_no_plot = False
 
-    def observe_batch(self, inputs: dict, callbacks: list) -> None:
+    def observe_batch(self, inputs: dict) -> None:
         """Count a training micro-batch; called by the trainer (RunHooks) for each one."""
         self.tokens.add(inputs)
-        self.find_progress_bar(callbacks)
-
-    # -- progress bar
-
-    def find_progress_bar(self, callbacks: list) -> None:
-        if not self._bar_searched:
-            self._bar_searched = True
-            self._bar = next((c for c in callbacks if isinstance(c, ProgressCallback)), None)
 
     def tokens_per_second(self) -> Optional[float]:
         elapsed = self.elapsed()
@@ -262,6 +258,15 @@ class RunReportCallback(TrainerCallback, ExportableState):
         if self.started is None:
             return None
         return self.earlier_wall_time + time.perf_counter() - self.started
+
+    def log_metrics(self) -> dict[str, float | int]:
+        """The token rate and counts so far, for a training record of the log (RunHooks.log puts them in every
+        one, so TensorBoard and the log history have them); empty where batches are not counted."""
+        rate = self.tokens_per_second()
+        if rate is None:
+            return {}
+        counts = (self.tokens.examples, self.tokens.real_tokens, self.tokens.supervised_tokens)
+        return {TOKENS_PER_SECOND_KEY: round(rate, 1), **dict(zip(COUNT_KEYS, counts, strict=True))}
 
     def state(self) -> dict:
         counts = {
@@ -299,16 +304,6 @@ class RunReportCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.tokens.flush(args.device)
-        bar = getattr(self._bar, "training_bar", None)
-        rate = self.tokens_per_second()
-        if state.is_world_process_zero and bar is not None and rate is not None:
-            bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        # Runs before the progress callback and our log file, so both show the rate.
-        rate = self.tokens_per_second()
-        if logs is not None and rate is not None and "loss" in logs:
-            logs["tokens_per_second"] = round(rate, 1)
 
     def on_save(self, args, state, control, **kwargs):
         self.write(STATUS_RUNNING)

@@ -3,7 +3,9 @@
 `RunHooks` is mixed into transformers' `Trainer` (SFT, pretrain) and trl's
 `DPOTrainer` alike. It holds the run's callbacks by name (the report, the
 interrupt handler, the non-finite guard, the checkpoint marker) and feeds
-them every micro-batch and every loss; nothing is found by scanning.
+them every micro-batch and every loss; nothing is found by scanning. It also
+owns the terminal: one log line per metrics record, under one progress bar
+(component/training/log_callback.py).
 
 `FinetuneTrainer` adds the lean loss (component/training/loss.py) through
 transformers' public `compute_loss_func` hook: `compute_loss` asks the model
@@ -19,11 +21,12 @@ from collections.abc import Sequence
 from loguru import logger
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from component.config import Config
 from component.data.splits import TaskData
 from component.training.checkpoints import CheckpointMarker
-from component.training.log_callback import LogCallback
+from component.training.log_callback import LogCallback, ProgressBar
 from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts
 from component.training.report import RunReportCallback
 from component.training.safety import InterruptCallback, NonFiniteGuard
@@ -41,16 +44,27 @@ class RunHooks:
         self.interrupt = InterruptCallback()
         self.nonfinite_guard = NonFiniteGuard(max_nonfinite_steps)
         self.checkpoint_marker = CheckpointMarker()
-        # The report goes first: it adds tokens/s to the logs the others show. Extra callbacks see the report
-        # and the log of a step, and act before the safety callbacks do. The interrupt callback asks for a save
+        # The report goes first: it counts a step's tokens before the others see the step. Extra callbacks see
+        # the report and the log of a step, and act before the safety callbacks do. The interrupt callback asks for a save
         # at step end; the marker then clears the completion mark of the folder about to be written.
         safety = [self.interrupt, self.nonfinite_guard, self.checkpoint_marker]
         super().__init__(*args, callbacks=[self.run_report, LogCallback(), *callbacks, *safety], **kwargs)
         self.checkpoint_marker.take_rotation(self.args)
+        # LogCallback writes each metrics record; transformers' printer or bar would show it a second time.
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        if not self.args.disable_tqdm:
+            self.add_callback(ProgressBar(self.run_report.tokens_per_second))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # Before any callback sees a training record: TensorBoard and our log line get the token rate and counts.
+        if "loss" in logs:
+            logs.update(self.run_report.log_metrics())
+        super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
         # The run report counts real and supervised tokens from each micro-batch.
-        self.run_report.observe_batch(inputs, self.callback_handler.callbacks)
+        self.run_report.observe_batch(inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         self.nonfinite_guard.observe_loss(loss)
         return loss
