@@ -15,6 +15,7 @@ from loguru import logger
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from component.config import Config, save_config
+from component.config.checks import check_data_paths
 from component.data.sft import save_problems, save_summary
 from component.data.splits import TaskData
 from component.logs import log_to_file
@@ -48,6 +49,7 @@ def run(config: Config, callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     args = task.training_arguments(config)  # process state, devices, optimizer fallback
     set_seed(args.seed)
     check_output_dir(config)
+    check_data_paths(config)  # every missing data file named by its key, before the tokenizer loads
     resume = resolve_resume(config, args)  # before any work: a wrong resume setting costs nothing
     tokenizer = load_tokenizer(config.model)
     data = task.build_data(config, args, tokenizer)

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
+from component.cli import main_train
 from component.config import CONFIG_FILE_FLAG, save_config
 from component.errors import USER_ERROR_EXIT_CODE, ConfigError
+from component.training.setup import training_arguments
 from tests.conftest import ROOT, base_config, write_config
 from tests.runs import load_config, load_values
 
@@ -186,3 +188,39 @@ def test_loading_a_config_imports_no_task_library_and_starts_nothing(tmp_path, t
         assert not got["process_state"] and not got["process_group"], checks
     assert seen["builtin"]["layers"] == ["config", "errors"]
     assert "datasets" not in seen["builtin"]["added"]
+
+
+def test_train_py_without_arguments_prints_the_usage_and_exits_2(capsys):
+    assert main_train([]) == USER_ERROR_EXIT_CODE
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: train.py {CONFIG_FILE_FLAG} FILE.json [--key value ...]\n")
+    assert "--help" in err
+
+
+# `train.py --help` lists our keys: it must not wait for transformers and peft (5 s and more) to import.
+HELP_PROBE = """
+import runpy, sys
+sys.argv = ["train.py", "--help"]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as exc:
+    print(exc.code, sorted(m for m in ("transformers", "peft", "bitsandbytes") if m in sys.modules))
+"""
+
+
+def test_help_imports_no_model_library():
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "0 []"
+    assert "lora_rank (default 64)" in proc.stdout
+
+
+def test_a_runs_saved_config_loads_back_with_the_same_values(tmp_path, tiny_llama_dir):
+    """train_args.json, as a run saves it (every TrainingArguments value resolved), is a config itself."""
+    cfg = write_config(tmp_path / "c.json", **base_config(tiny_llama_dir, tmp_path / "out"))
+    first = load_config([CONFIG_FILE_FLAG, str(cfg)])
+    args = training_arguments(first)
+    saved = save_config(first.to_dict(args), str(tmp_path))
+    again = load_config([CONFIG_FILE_FLAG, str(saved)])
+    assert (again.model, again.data, again.method) == (first.model, first.data, first.method)
+    assert training_arguments(again).to_dict() == args.to_dict()

@@ -108,3 +108,19 @@ def test_gradient_checkpointing_with_lora_trains(tmp_path, tiny_llama_dir):
     trainer, _ = train(tmp_path, tiny_llama_dir, gradient_checkpointing=True, max_steps=8, learning_rate=2e-2)
     curve = trainer_losses(trainer)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, curve
+
+
+@pytest.mark.parametrize("key", ["activation_checkpointing", "gradient_checkpointing"])
+def test_reentrant_activation_checkpointing_trains_lora_under_either_key(tmp_path, tiny_llama_dir, key):
+    """transformers 5 renamed the key; under either name checkpointing is on (reentrant, which needs
+    inputs that require grad while the embeddings are frozen) and the adapter learns."""
+    values = base_config(
+        tiny_llama_dir,
+        tmp_path / "out",
+        max_steps=6,
+        **{key: True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+    )
+    trainer = train_values(values)
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in trainer.model.modules())
+    curve = trainer_losses(trainer)
+    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2, curve

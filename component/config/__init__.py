@@ -15,6 +15,7 @@ from component.config.arguments import (
 from component.config.checks import Check
 from component.config.load import (
     HELP_FLAGS,
+    USAGE,
     check_values,
     config_from_values,
     describe_keys,
@@ -33,6 +34,7 @@ __all__ = [
     "RESOLVED_CONFIG_NAME",
     "SECRET_KEYS",
     "TRAINING_DEFAULTS",
+    "USAGE",
     "Check",
     "Config",
     "DataArguments",

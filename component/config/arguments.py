@@ -9,12 +9,16 @@ group and devices; a `Config` is only data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from transformers import TrainingArguments
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 RESOLVED_CONFIG_NAME = "train_args.json"
+# The key a saved train_args.json names its source config with; read back, it is a record, not a setting.
+SOURCE_KEY = "config_file"
 # TrainingArguments fields that may hold secrets; never logged or saved.
 SECRET_KEYS = ("hub_token", "push_to_hub_token")
 AUTO_DATA_FORMAT = "auto"
@@ -23,7 +27,18 @@ DATA_FORMATS = (AUTO_DATA_FORMAT, "conversation", "messages", "sharegpt", "alpac
 # How a `datasets` list becomes one training set (component/data/mixing.py).
 MIX_STRATEGIES = ("concatenate", "interleave")
 # The keys of one `datasets` / `eval_datasets` entry (component/data/sources.py's DatasetSpec).
-DATASET_ENTRY_KEYS = ("path", "format", "split", "subset", "revision", "weight", "num_samples", "columns", "train_on")
+DATASET_ENTRY_KEYS = (
+    "path",
+    "format",
+    "split",
+    "subset",
+    "revision",
+    "weight",
+    "num_samples",
+    "columns",
+    "roles",
+    "train_on",
+)
 DEFAULT_OPTIM = "adamw_torch_fused"  # transformers' and TRL's default: no per-parameter temporaries in the step
 # Our defaults for TrainingArguments, where transformers' default is wrong
 # for this tool. A config may override each of them.
@@ -108,6 +123,27 @@ class DataArguments:
             "messages, sharegpt, alpaca or prompt_completion (README, Data formats)."
         },
     )
+    chat_template: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A Jinja chat template file that replaces the tokenizer's own (template_name 'auto'); "
+            "it is saved with the tokenizer, so inference renders as training did."
+        },
+    )
+    empty_think_block: str = field(
+        default="supervised",
+        metadata={
+            "help": "Qwen3-style empty think block before a reply without reasoning: supervised (it follows "
+            "the official generation prompt) or prompt (it joins the prompt, as enable_thinking=False puts it)."
+        },
+    )
+    reasoning_history: str = field(
+        default="whole",
+        metadata={
+            "help": "Templates that drop reasoning from earlier turns (Qwen3): whole (the official rendering "
+            "of the conversation) or per_turn (also one example per such turn, rendered as at inference)."
+        },
+    )
     max_seq_length: int = field(default=1024, metadata={"help": "Longest tokenized example; longer ones are cut."})
     max_prompt_length: int = field(
         default=512, metadata={"help": "DPO: the prompt is never cut below this many tokens."}
@@ -129,6 +165,14 @@ class DataArguments:
         metadata={
             "help": "Pretrain: folder for the tokenized, packed data cache; default: data_cache/ next to "
             "output_dir. Reused only while the files, tokenizer and max_seq_length are unchanged."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Pretrain: read, tokenize and pack train_file while training, for corpora larger than "
+            "memory (no cache; needs max_steps); a resumed run continues at the exact block "
+            "(component/data/streaming.py)."
         },
     )
 
@@ -192,9 +236,25 @@ class MethodArguments:
     )
 
 
-ARGUMENT_CLASSES = (ModelArguments, DataArguments, MethodArguments, TrainingArguments)
-OUR_CLASSES = ARGUMENT_CLASSES[:3]
-TRAINING_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+OUR_CLASSES = (ModelArguments, DataArguments, MethodArguments)
+
+
+# transformers is imported on first use, not with this module: it takes seconds, and `train.py --help`
+# (our classes only) should not wait for it.
+@functools.cache
+def argument_classes() -> tuple[type, ...]:
+    """Our classes and transformers' TrainingArguments: every field of each is a config key."""
+    from transformers import TrainingArguments
+
+    return (*OUR_CLASSES, TrainingArguments)
+
+
+@functools.cache
+def training_fields() -> frozenset[str]:
+    """The keys that are TrainingArguments' (constructor) fields."""
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
 
 
 @dataclass(frozen=True)
@@ -218,11 +278,11 @@ class Config:
     def to_dict(self, training_args: Optional[TrainingArguments] = None) -> dict[str, Any]:
         """Every value, secrets removed, ready to be saved as JSON: with the built TrainingArguments
         (component/training/setup.py) every resolved one, else those given or defaulted by us."""
-        out: dict[str, Any] = {"config_file": self.source}
+        out: dict[str, Any] = {SOURCE_KEY: self.source}
         for part in (self.model, self.data, self.method):
             out.update(dataclasses.asdict(part))
         training = training_args.to_dict() if training_args is not None else dict(self.training)
         # TrainingArguments' fields only: a task's subclass (trl's DPOConfig) repeats our dpo_* keys and
         # would overwrite ours with its own names and defaults (its padding_free, say).
-        out.update({k: v for k, v in training.items() if k in TRAINING_FIELDS and k not in SECRET_KEYS})
+        out.update({k: v for k, v in training.items() if k in training_fields() and k not in SECRET_KEYS})
         return out

@@ -1,15 +1,20 @@
-"""Checks of a config's values that need nothing but the values themselves.
+"""Checks of a config's values that need nothing but the values themselves (and what is installed).
 
 Each check takes the merged key/value dict and returns a list of problems,
 each naming its key. Checks that need a layer above the config (templates,
 model types, DeepSpeed files, a task's own keys) are handed to `load_config`
 by the task registry (component/tasks/registry.py); this module imports none.
+`check_data_paths` is the exception to load time: the runner calls it, since a
+shipped config names data that is prepared separately.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 import importlib.util
 import math
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +25,12 @@ from component.config.arguments import (
     DATASET_ENTRY_KEYS,
     MIX_STRATEGIES,
     SECRET_KEYS,
+    TRAINING_DEFAULTS,
+    Config,
+    training_fields,
 )
 from component.config.parse import suggest
+from component.errors import ConfigError, format_problems
 
 Check = Callable[[dict[str, Any]], list[str]]
 TRAIN_MODES = ("full", "lora", "qlora")
@@ -66,7 +75,8 @@ def check_lora(values: dict[str, Any]) -> list[str]:
     if values.get("train_mode") == "qlora" and str(values.get("model_name_or_path", "")).endswith(".gguf"):
         problems.append(
             "key 'train_mode': 'qlora' cannot load a .gguf file (transformers does not quantize GGUF "
-            "checkpoints); use 'lora', or save the model as safetensors first (see README, QLoRA)"
+            "checkpoints); use 'lora', or dequantize it to a safetensors folder first and set "
+            "model_name_or_path to that folder (README, QLoRA, gives the command)"
         )
     return problems
 
@@ -120,8 +130,11 @@ def _entry_problems(entry: dict[str, Any], where: str, strategy: str) -> list[st
     for key in ("split", "subset", "revision"):
         if entry.get(key) is not None and not (isinstance(entry[key], str) and entry[key].strip()):
             problems.append(f"key '{where}.{key}': expected a non-empty string, got {entry[key]!r}")
-    if "train_on" in entry:
-        problems.append(f"key '{where}.train_on': not supported yet; every assistant reply is trained on")
+    roles = entry.get("roles")
+    if roles is not None and not (
+        isinstance(roles, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in roles.items())
+    ):
+        problems.append(f"key '{where}.roles': expected an object of the dataset's role name -> a ShareGPT role")
     columns = entry.get("columns")
     if columns is not None and not (
         isinstance(columns, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items())
@@ -231,6 +244,175 @@ def check_resume_keys(values: dict[str, Any]) -> list[str]:
     return problems
 
 
+def check_streaming(values: dict[str, Any]) -> list[str]:
+    """streaming: pretrain only; the stream has no length, so max_steps sets the run's length."""
+    if not values.get("streaming"):
+        return []
+    problems = []
+    if values.get("task_type", "sft") != "pretrain":
+        problems.append("key 'streaming': only task_type 'pretrain' streams its data so far")
+    steps = values.get("max_steps", -1)
+    if not (isinstance(steps, int) and steps > 0):
+        problems.append(
+            f"key 'max_steps': streaming: true needs max_steps > 0 (got {steps}): a stream has no length, so "
+            "num_train_epochs cannot set the run's length"
+        )
+    if values.get("dataloader_num_workers", 0):
+        problems.append(
+            "key 'dataloader_num_workers': must be 0 with streaming: true (each worker would read the whole "
+            "stream, and the saved position is the main process's)"
+        )
+    return problems
+
+
+# ---------------------------------------------------------------- TrainingArguments values
+
+# Values transformers' TrainingArguments accepts that fail only once the model has loaded (in the
+# optimizer, the data loader or the step counter): checked here, with the rest of the config.
+# TrainingArguments' own refusals (warmup_steps < 0, ...) come from building it (component/training/setup.py).
+TRAINING_RANGES: tuple[tuple[tuple[str, ...], Callable[[float], bool], str], ...] = (
+    (
+        ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"),
+        lambda v: v >= 1,
+        "must be at least 1",
+    ),
+    (("eval_accumulation_steps",), lambda v: v >= 1, "must be at least 1 (or null)"),
+    (("learning_rate", "logging_steps", "save_steps", "eval_steps"), lambda v: v > 0, "must be greater than 0"),
+    (
+        ("weight_decay", "adam_epsilon", "max_grad_norm", "dataloader_num_workers"),
+        lambda v: v >= 0,
+        "must be at least 0",
+    ),
+    (("adam_beta1", "adam_beta2", "label_smoothing_factor"), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+)
+DEFAULT_EPOCHS = 3.0  # TrainingArguments' num_train_epochs
+NO_REPORTING, ALL_REPORTING = "none", "all"
+
+
+def check_training_ranges(values: dict[str, Any]) -> list[str]:
+    problems = []
+    for keys, allowed, rule in TRAINING_RANGES:
+        for key in keys:
+            value = values.get(key)
+            if _is_number(value) and math.isfinite(value) and not allowed(value):
+                problems.append(f"key '{key}': {rule}, got {value!r}")
+    max_steps, epochs = values.get("max_steps", -1), values.get("num_train_epochs", DEFAULT_EPOCHS)
+    if max_steps <= 0 and epochs <= 0:
+        problems.append(
+            f"key 'num_train_epochs': must be greater than 0 when max_steps is {max_steps} (not a step count), "
+            f"got {epochs!r}"
+        )
+    return problems
+
+
+@functools.cache
+def _training_choices() -> dict[str, tuple[str, ...]]:
+    """TrainingArguments keys whose value names one member of an enum: optim, lr_scheduler_type, the strategies."""
+    from transformers import TrainingArguments
+
+    hints = typing.get_type_hints(TrainingArguments)
+    choices = {}
+    for name in sorted(training_fields()):
+        enums = [t for t in typing.get_args(hints[name]) if isinstance(t, type) and issubclass(t, enum.Enum)]
+        if len(enums) == 1:
+            choices[name] = tuple(str(m.value) for m in enums[0])
+    return choices
+
+
+def check_training_choices(values: dict[str, Any]) -> list[str]:
+    return [
+        p
+        for key, choices in _training_choices().items()
+        if isinstance(values.get(key), str)
+        for p in choice_problems(key, values[key], choices)
+    ]
+
+
+def _installed_integrations() -> tuple[set[str], set[str]]:
+    """(every integration name report_to takes, those installed here), from transformers' own tables."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations import integration_utils as integrations
+
+    # Not in the available list: azure_ml when mlflow is installed too, flyte, kubeflow (a Kubeflow job).
+    unlisted = {
+        "azure_ml": integrations.is_azureml_available,
+        "flyte": integrations.is_flytekit_available,
+        "kubeflow": integrations.is_kubeflow_available,
+    }
+    installed = set(get_available_reporting_integrations()) | {n for n, available in unlisted.items() if available()}
+    return set(integrations.INTEGRATION_TO_CALLBACK), installed
+
+
+def check_report_to(values: dict[str, Any]) -> list[str]:
+    """Each integration named exists and is installed; else the Trainer fails once the model has loaded."""
+    given = "report_to" in values
+    value = values["report_to"] if given else TRAINING_DEFAULTS["report_to"]
+    if value is None:
+        return [f"key 'report_to': null; use '{NO_REPORTING}' to report to no integration"]
+    names = [value] if isinstance(value, str) else list(value)
+    if names in ([NO_REPORTING], [ALL_REPORTING]):
+        return []
+    supported, installed = _installed_integrations()
+    problems = []
+    for name in names:
+        if name not in supported:
+            problems += choice_problems("report_to", name, sorted(supported))
+        elif name not in installed:
+            problems.append(
+                f"key 'report_to': {name!r}{'' if given else ' (our default)'} is not installed here: install it, "
+                f"or set report_to to '{NO_REPORTING}' or to installed ones ({', '.join(sorted(installed)) or 'none'})"
+            )
+    return problems
+
+
+# ---------------------------------------------------------------- data files (checked as a run starts)
+
+# Suffixes component/data/sources.py reads as files; with its `is_local`, they tell a path from a Hub id.
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+
+def _written_as_path(path: str) -> bool:
+    """sft reads what is not written like a local path as a Hub dataset id (component/data/sources.py)."""
+    p = Path(path)
+    return p.is_absolute() or path.startswith(".") or p.suffix in DATA_FILE_SUFFIXES or path.count("/") > 1
+
+
+def _not_found(key: str, path: str) -> str:
+    """The problem naming the key and, from the folder's listing, the closest existing name."""
+    said = f"key '{key}': {path}: data file not found"
+    folder = Path(path).parent
+    if not folder.is_dir():
+        return f"{said}; there is no folder '{folder}'"
+    close = suggest(Path(path).name, [entry.name for entry in folder.iterdir()])
+    return said + (f" (did you mean '{folder / close}'?)" if close else "")
+
+
+def data_path_problems(values: dict[str, Any]) -> list[str]:
+    """Local data files and folders the config names that do not exist (Hub ids are left to datasets)."""
+    sft = values.get("task_type", "sft") == "sft"  # pretrain and dpo read local files only
+    named = [(key, values.get(key), not sft) for key in DATASET_LIST_KEYS.values()]
+    for key in DATASET_LIST_KEYS:
+        for i, entry in enumerate(values.get(key) or []):
+            named.append((f"{key}[{i}].path", entry.get("path") if isinstance(entry, dict) else None, False))
+    return [
+        _not_found(key, path)
+        for key, path, always_local in named
+        if isinstance(path, str)
+        and path.strip()
+        and (always_local or _written_as_path(path))
+        and not Path(path).exists()
+    ]
+
+
+def check_data_paths(config: Config) -> None:
+    """Raise one ConfigError naming every missing data file. Not a load-time check: a shipped config
+    validates without its data (LIMA is prepared separately); a run checks before it reads or writes."""
+    values = {"task_type": config.method.task_type, **vars(config.data)}
+    problems = data_path_problems(values)
+    if problems:
+        raise ConfigError(format_problems(f"{config.source}: data not found", problems))
+
+
 BUILTIN_CHECKS: tuple[Check, ...] = (
     check_required,
     check_train_mode,
@@ -244,4 +426,8 @@ BUILTIN_CHECKS: tuple[Check, ...] = (
     check_no_secrets,
     check_seed,
     check_resume_keys,
+    check_streaming,
+    check_training_ranges,
+    check_training_choices,
+    check_report_to,
 )

@@ -19,14 +19,15 @@ from component.config.arguments import (
     OUR_CLASSES,
     RESOLVED_CONFIG_NAME,
     TRAINING_DEFAULTS,
-    TRAINING_FIELDS,
     Config,
+    training_fields,
 )
 from component.config.checks import BUILTIN_CHECKS, Check
 from component.config.parse import CONFIG_FILE_FLAG, merge_sources, read_json, split_cli
 from component.errors import ConfigError, format_problems
 
 HELP_FLAGS = ("-h", "--help")
+USAGE = f"usage: train.py {CONFIG_FILE_FLAG} FILE.json [--key value ...]"
 
 
 def check_values(values: dict[str, Any], checks: Sequence[Check] = ()) -> list[str]:
@@ -59,7 +60,7 @@ def build(values: dict[str, Any], source: str) -> Config:
     for cls in OUR_CLASSES:
         names = {f.name for f in dataclasses.fields(cls)}
         parts.append(cls(**{k: v for k, v in values.items() if k in names}))
-    training = {**TRAINING_DEFAULTS, **{k: v for k, v in values.items() if k in TRAINING_FIELDS}}
+    training = {**TRAINING_DEFAULTS, **{k: v for k, v in values.items() if k in training_fields()}}
     if (values.get("eval_file") or values.get("eval_datasets")) and "eval_strategy" not in values:
         training["eval_strategy"] = "steps"
     return Config(*parts, training, source)
@@ -82,7 +83,7 @@ def config_from_values(values: dict[str, Any], checks: Sequence[Check] = (), sou
 
 def describe_keys() -> str:
     """Every key of our dataclasses with its default and help text (TrainingArguments' are documented upstream)."""
-    lines = [f"usage: train.py {CONFIG_FILE_FLAG} FILE.json [--key value ...]", ""]
+    lines = [USAGE, ""]
     for cls in OUR_CLASSES:
         lines.append(f"{cls.__name__}: {cls.__doc__}")
         for f in dataclasses.fields(cls):

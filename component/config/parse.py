@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from component.config.arguments import ARGUMENT_CLASSES
+from component.config.arguments import SOURCE_KEY, argument_classes
 from component.errors import ConfigError
 
 CONFIG_FILE_FLAG = "--train_args_file"
@@ -46,7 +46,7 @@ def _edit_distance(a: str, b: str) -> int:
 
 def _field_table() -> dict[str, tuple[type, dataclasses.Field]]:
     table: dict[str, tuple[type, dataclasses.Field]] = {}
-    for cls in ARGUMENT_CLASSES:
+    for cls in argument_classes():
         for f in dataclasses.fields(cls):
             if f.init:
                 table.setdefault(f.name, (cls, f))
@@ -219,11 +219,12 @@ def merge_sources(
 ) -> tuple[dict[str, Any], list[str]]:
     """Type-check and merge file values and CLI overrides; returns (values, problems)."""
     table = _field_table()
-    hints = {cls: _type_hints(cls) for cls in ARGUMENT_CLASSES}
+    hints = {cls: _type_hints(cls) for cls in argument_classes()}
     known = sorted(table)
     merged: dict[str, Any] = {}
     problems: list[str] = []
-    sources = [(k, v, False, f"{source}: key '{k}'") for k, v in file_values.items()]
+    # A run's saved train_args.json is a config too: the source it records is history, not a setting.
+    sources = [(k, v, False, f"{source}: key '{k}'") for k, v in file_values.items() if k != SOURCE_KEY]
     sources += [(k, v, True, f"command line: --{k}") for k, v in cli_pairs]
     for key, value, from_cli, where in sources:
         if key not in table:

@@ -35,6 +35,8 @@ from component.training.outputs import read_meta
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+# The flag chat, serve and evaluate take a template name with (component/cli.py's model flags).
+TEMPLATE_FLAG = "--template"
 # How often the consumer wakes up while waiting for a token (keeps Ctrl-C prompt).
 POLL_SECONDS = 0.1
 REPLACEMENT_CHAR = "\ufffd"  # what decode gives for an incomplete UTF-8 sequence
@@ -85,7 +87,10 @@ def recorded_template_name(template_name: Optional[str], *dirs: Optional[str]) -
             name = (read_meta(d) or {}).get("template_name")
     if name is None:
         shown = ", ".join(d for d in dirs if d)
-        raise InferenceError(f"no template recorded in training_meta.json of {shown}; pass a template name")
+        raise InferenceError(
+            f"no template recorded in training_meta.json of {shown}; pass a template name with {TEMPLATE_FLAG} NAME "
+            "(or 'auto' for the tokenizer's own chat_template)"
+        )
     return name
 
 
@@ -97,7 +102,13 @@ def resolve_template(template_name: Optional[str], tokenizer, *dirs: Optional[st
     try:
         return resolve_for_tokenizer(name, tokenizer, where=f"the tokenizer of {dirs[0] or dirs[-1]}")
     except UserError as exc:
-        raise InferenceError(f"template {name!r}: {exc}") from None
+        # The data layer names train.py's key; here the template comes from the flag or from the run.
+        said = str(exc).removeprefix("key 'template_name': ").replace("template_name", TEMPLATE_FLAG)
+        if template_name is not None:
+            raise InferenceError(f"{TEMPLATE_FLAG} {name!r}: {said}") from None
+        raise InferenceError(
+            f"template {name!r} (recorded at training time): {said}; pass {TEMPLATE_FLAG} NAME to use another"
+        ) from None
 
 
 def parse_dtype(dtype: str) -> torch.dtype:

@@ -215,7 +215,10 @@ def merge(info: AdapterInfo, tokenizer, merge_base: Optional[str] = None, measur
 
 
 def save_merged(result: MergeResult, info: AdapterInfo, tokenizer, output_dir: str, dtype: str) -> Path:
-    """Safetensors in `dtype`, the tokenizer, and training_meta.json (template, provenance)."""
+    """Safetensors in `dtype`, the tokenizer, and training_meta.json (template, provenance; absolute paths,
+    so the merged folder works from any directory)."""
+    from component.model.loading import absolute_location
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     clear_stale_weights(output_dir)
@@ -225,8 +228,8 @@ def save_merged(result: MergeResult, info: AdapterInfo, tokenizer, output_dir: s
     tokenizer.save_pretrained(out)
     meta = {
         **info.meta,
-        "base_model": info.base_model,
-        "merged_from": info.adapter_dir,
+        "base_model": absolute_location(info.base_model),
+        "merged_from": absolute_location(info.adapter_dir),
         "merge_base": result.merge_base,
         "merge_logit_errors": result.errors,
         "dtype": dtype,

@@ -14,6 +14,7 @@ match and ignores the rest.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -40,14 +41,27 @@ class ModelLocation(NamedTuple):
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
 
+def checkpointing_on(config: Config) -> bool:
+    """Activation checkpointing asked for: `activation_checkpointing`, or its old name
+    `gradient_checkpointing` (transformers 5 still reads it, with a FutureWarning)."""
+    return bool(config.training.get("activation_checkpointing") or config.training.get("gradient_checkpointing"))
+
+
+def absolute_location(name_or_path: str) -> str:
+    """A local path made absolute, a hub id as it is: what a run records must mean the same from any folder."""
+    return os.path.abspath(name_or_path) if Path(name_or_path).exists() else name_or_path
+
+
 def resolve_location(name_or_path: str) -> ModelLocation:
+    """Absolute for a local model, so that the model's `name_or_path`, which peft writes into
+    adapter_config.json as `base_model_name_or_path`, is found from any folder."""
     p = Path(name_or_path)
     if name_or_path.endswith(GGUF_SUFFIX):
         if not p.is_file():
             raise ConfigError(f"key 'model_name_or_path': GGUF file {name_or_path!r} not found")
         real = p.resolve()  # follow links: the GGUF name is the real file's
         return ModelLocation(str(real.parent), real.name)
-    return ModelLocation(name_or_path, None)
+    return ModelLocation(absolute_location(name_or_path), None)
 
 
 def load_tokenizer(args: ModelArguments):
@@ -187,7 +201,7 @@ def apply_lora(model: PreTrainedModel, config: Config):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    if config.training.get("gradient_checkpointing", False):
+    if checkpointing_on(config):
         # Checkpointed blocks need an input that requires grad, or the frozen
         # base cuts the graph and the adapters get no gradient.
         model.enable_input_require_grads()
@@ -230,7 +244,7 @@ def load_qlora_base(config: Config, **extra) -> PreTrainedModel:
         f"loaded {quantization.count_quantized(model)} linear layers in 4-bit "
         f"{quantization.QUANT_TYPE}, compute dtype {dtype}"
     )
-    return quantization.prepare_for_training(model, config.training.get("gradient_checkpointing", False))
+    return quantization.prepare_for_training(model, checkpointing_on(config))
 
 
 def warn_precision(model_type: str, dtype: torch.dtype) -> None:

@@ -1,8 +1,11 @@
 """The output folder: what a finished run leaves, and guarding it.
 
 A finished run writes `training_meta.json` (template, base model, modes), which
-later tools read so that the user never retypes them. A folder that holds a
-finished run is never written into again unless `overwrite_output_dir` is set.
+later tools read so that the user never retypes them. The base model is recorded
+by its absolute path (a hub id as it is), and a GGUF base also by its file name
+(`from_pretrained(folder, gguf_file=...)`), so the folder works from any directory.
+A folder that holds a finished run is never written into again unless
+`overwrite_output_dir` is set.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Optional
 
 from component.config import Config
 from component.errors import ConfigError
+from component.model.loading import absolute_location, resolve_location
 
 META_FILE = "training_meta.json"
 
@@ -33,8 +37,11 @@ def check_output_dir(config: Config) -> None:
 
 
 def write_meta(config: Config, output_dir: str, finished: bool, **extra: Any) -> Path:
+    base = config.model.model_name_or_path
+    gguf_file = resolve_location(base).gguf_file
     meta = {
-        "base_model": config.model.model_name_or_path,
+        "base_model": absolute_location(base),
+        **({"base_model_gguf_file": gguf_file} if gguf_file else {}),
         "template_name": config.data.template_name,
         "task_type": config.method.task_type,
         "train_mode": config.method.train_mode,

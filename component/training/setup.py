@@ -8,18 +8,22 @@ start of the runner, never while a config is loaded:
   starts: the CPU has no fp16 autocast or loss scaling, so the model would train in plain float16;
 - the launcher and the hardware decide the backend (component/training/distributed.py);
 - an optimizer the device cannot run is replaced, with a warning (component/model/quantization.py).
-Errors of TrainingArguments' own checks come back as a ConfigError naming the file.
+Errors of TrainingArguments' own checks come back as a ConfigError naming the file and the key. The
+values it accepts but that fail later (a batch size of 0, a negative learning rate, a reporting
+integration not installed) are checked with the config (component/config/checks.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Optional
 
 import torch
 from transformers import TrainingArguments
 
 from component.config import Config
+from component.config.arguments import training_fields
 from component.errors import ConfigError
 from component.training import distributed
 
@@ -64,6 +68,22 @@ def restored_defaults(cls: type[TrainingArguments]) -> dict[str, Any]:
     }
 
 
+def refused_key(message: str) -> Optional[str]:
+    """The key a TrainingArguments error names: its first `--flag`, else the first field name in the text."""
+    fields = training_fields()
+    flags = [name for name in re.findall(r"--(\w+)", message) if name in fields]
+    if flags:
+        return flags[0]
+    words = [word for word in re.findall(r"\w+", message) if word in fields]
+    return words[0] if words else None
+
+
+def refusal(config: Config, exc: Exception) -> ConfigError:
+    key = refused_key(str(exc))
+    where = f"key '{key}'" if key else "invalid training arguments"
+    return ConfigError(f"{config.source}: {where}: {exc}")
+
+
 def training_arguments(
     config: Config, cls: type[TrainingArguments] = TrainingArguments, **extra: Any
 ) -> TrainingArguments:
@@ -76,5 +96,5 @@ def training_arguments(
     try:
         args = cls(**{**restored_defaults(cls), **machine_kwargs(config), **extra})
     except (ValueError, TypeError, ImportError, OverflowError) as exc:  # OverflowError: a huge ddp_timeout
-        raise ConfigError(f"{config.source}: invalid training arguments: {exc}") from None
+        raise refusal(config, exc) from None
     return args
