@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, TextIO
 
 from loguru import logger
 
-from component.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
+from component.errors import USER_ERROR_EXIT_CODE, UserError
 from component.logs import setup_logging
 
 # The rest of the package is imported inside the commands that need it: a script that needs no model
@@ -28,9 +28,18 @@ if TYPE_CHECKING:
     from component.inference.generation import ModelSource
 
 
-def run_main(body: Callable[[], Optional[int]]) -> int:
-    """Set up logging, run `body`, and turn a UserError into its message and exit status (no traceback)."""
-    setup_logging()
+VERBOSE_FLAG = "--verbose"
+VERBOSE_HELP = "Also show the library notes hidden by default (component/logs.py); FINETUNE_VERBOSE=1 does too."
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(VERBOSE_FLAG, action="store_true", default=None, help=VERBOSE_HELP)
+
+
+def run_main(body: Callable[[], Optional[int]], verbose: Optional[bool] = None) -> int:
+    """Set up logging (`verbose` shows the hidden library notes; None: FINETUNE_VERBOSE decides), run
+    `body`, and turn a UserError into its message and exit status (no traceback)."""
+    setup_logging(verbose)
     try:
         return body() or 0
     except UserError as exc:
@@ -40,27 +49,36 @@ def run_main(body: Callable[[], Optional[int]]) -> int:
 
 def main_train(argv: Optional[list[str]] = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
     """`python train.py --train_args_file FILE.json [--key value ...]`; `callbacks` join the run's own."""
-    from component.config import HELP_FLAGS, describe_keys, load_config
-    from component.runner import run
-    from component.tasks.registry import CONFIG_CHECKS
+    from component.config import HELP_FLAGS, USAGE, describe_keys, load_config
 
     argv = sys.argv[1:] if argv is None else argv
+    verbose = True if VERBOSE_FLAG in argv else None
+    argv = [a for a in argv if a != VERBOSE_FLAG]
+    # Help and usage need only the config layer: answered before the model libraries are imported.
     if any(flag in argv for flag in HELP_FLAGS):
-        print(describe_keys())
+        sys.stdout.write(describe_keys() + "\n")
         return 0
+    if not argv:
+        sys.stderr.write(f"{USAGE}\ntrain.py: error: no config given (--help lists every key)\n")
+        return USER_ERROR_EXIT_CODE
 
     def train() -> None:
+        from component.runner import run
+        from component.tasks.registry import CONFIG_CHECKS
+
         run(load_config(argv, CONFIG_CHECKS), callbacks)
 
-    return run_main(train)
+    return run_main(train, verbose)
 
 
 # ---------------------------------------------------------------- model flags (chat, serve, evaluate)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that say which model to load for inference, as `model_source` reads them."""
+    """The flags that say which model to load for inference, as `model_source` reads them (and --verbose)."""
     from component.inference.generation import DTYPES
+
+    add_verbose_argument(parser)
 
     parser.add_argument(
         "--model",
@@ -88,15 +106,15 @@ def model_source(args: argparse.Namespace) -> ModelSource:
 def inspect_data(
     train_args_file: str, overrides: Sequence[str], options: InspectOptions, out: Optional[TextIO] = None
 ) -> None:
-    """Load the config as train.py does and the tokenizer only (never the model), then show the SFT data."""
+    """Load the config as train.py does and the tokenizer only (never the model), then show the data
+    as its task trains on it: SFT conversations, DPO pairs or pretraining blocks."""
     from component.config import CONFIG_FILE_FLAG, load_config
-    from component.data.inspection import show_sft_data
+    from component.config.checks import check_data_paths
+    from component.data.inspection import show_dpo_data, show_pretrain_data, show_sft_data
     from component.model.loading import load_tokenizer
     from component.tasks.registry import CONFIG_CHECKS
 
     config = load_config([CONFIG_FILE_FLAG, train_args_file, *overrides], CONFIG_CHECKS)
-    if config.method.task_type != "sft":
-        raise ConfigError(
-            f"inspect_data shows SFT conversations; {train_args_file} has task_type {config.method.task_type!r}"
-        )
-    show_sft_data(config, load_tokenizer(config.model), options, out)
+    shows = {"sft": show_sft_data, "dpo": show_dpo_data, "pretrain": show_pretrain_data}
+    check_data_paths(config)
+    shows[config.method.task_type](config, load_tokenizer(config.model), options, out)

@@ -50,7 +50,7 @@ def settings(a: argparse.Namespace) -> ev.EvalSettings:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    return run_main(lambda: ev.evaluate_and_report(model_source(args), settings(args)))
+    return run_main(lambda: ev.evaluate_and_report(model_source(args), settings(args)), verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""See what training sees: rendered SFT examples with the supervised text marked, and the data report.
+"""See what training sees: SFT examples with the supervised text marked (and, per message, the tokens
+learned of each reasoning, reply and tool-call part), DPO pairs (prompt, chosen and rejected), or
+pretraining blocks (a ¶ where a document starts), then the data report.
 
     python script/inspect_data.py --train_args_file train_args/smollm2-135m-sft-lora.json [--index N] [--num 3]
                                   [--dump OUT.jsonl] [--color auto|always|never] [--key value ...]
@@ -18,13 +20,14 @@ import sys
 from collections.abc import Sequence
 from typing import Optional, TextIO
 
-from component.cli import inspect_data, run_main
+from component.cli import add_verbose_argument, inspect_data, run_main
 from component.data.inspection import COLOR_CHOICES, InspectOptions
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
     """Our flags, and the rest: config keys that override the file's."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_argument(p)
     p.add_argument("--train_args_file", required=True, help="The training config (JSON), as for train.py.")
     p.add_argument("--index", type=int, default=0, help="First example to show (0-based line of valid examples).")
     p.add_argument("--num", type=int, default=3, help="How many examples to show.")
@@ -36,7 +39,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace
 def main(argv: Optional[Sequence[str]] = None, out: Optional[TextIO] = None) -> int:
     args, overrides = parse_args(argv)
     options = InspectOptions(args.index, args.num, args.dump, args.color)
-    return run_main(lambda: inspect_data(args.train_args_file, overrides, options, out))
+    return run_main(lambda: inspect_data(args.train_args_file, overrides, options, out), verbose=args.verbose)
 
 
 if __name__ == "__main__":

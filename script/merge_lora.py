@@ -16,13 +16,14 @@ import argparse
 import sys
 from typing import Optional
 
-from component.cli import run_main
+from component.cli import add_verbose_argument, run_main
 from component.inference.generation import DTYPES
 from component.inference.merge import DEFAULT_QLORA_MERGE_BASE, MERGE_BASES, merge_adapter
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_verbose_argument(p)
     p.add_argument("--adapter_dir", required=True, help="Folder of a trained adapter (train_mode lora or qlora).")
     p.add_argument("--output_dir", required=True, help="Where the merged model goes; must be empty unless --force.")
     p.add_argument("--base_model", help="Base model (hub id, folder or .gguf); default: from the adapter's metadata.")
@@ -48,7 +49,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return run_main(
         lambda: merge_adapter(
             a.adapter_dir, a.output_dir, a.base_model, a.dtype, a.force, a.qlora_merge_base, not a.skip_check
-        )
+        ),
+        verbose=a.verbose,
     )
 
 

@@ -18,12 +18,13 @@ import argparse
 import sys
 from typing import Optional
 
-from component.cli import run_main
+from component.cli import add_verbose_argument, run_main
 from component.data.lima import DEFAULT_OUTPUT, prepare_lima
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_argument(parser)
     parser.add_argument("--input", help="local JSONL (GAIR or our format); default: the hub dataset")
     parser.add_argument("--output", default=DEFAULT_OUTPUT)
     parser.add_argument("--split", default="train", help="hub split (train or test)")
@@ -32,7 +33,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    return run_main(lambda: prepare_lima(args.input, args.output, args.split))
+    return run_main(lambda: prepare_lima(args.input, args.output, args.split), verbose=args.verbose)
 
 
 if __name__ == "__main__":

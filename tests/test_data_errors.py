@@ -32,8 +32,13 @@ CORRUPTIONS = {
     "no_format_key": ([conv(turns=[])], [(1, "no known SFT data format (keys present: turns)")]),
     "missing_key": ([GOOD, conv(messages=[])], [(2, "missing key 'conversation'")]),
     "unknown_key": (
-        [conv(conversation=[{"human": "a", "assistant": "b"}], answer="x")],
-        [(1, "unknown key(s) answer")],
+        # Top-level keys are ignored (id, category, ...), unless they hold data another format reads.
+        [conv(conversation=[{"human": "a", "assistant": "b"}], output="x")],
+        [(1, "key(s) output not read by this format")],
+    ),
+    "unknown_turn_key": (
+        [conv(conversation=[{"human": "a", "assistant": "b", "answer": "c"}])],
+        [(1, "conversation[0]: unknown key(s) answer")],
     ),
     "missing_turn_key": ([conv(conversation=[{"human": "a"}])], [(1, "conversation[0]: missing key 'assistant'")]),
     "wrong_turn_key": ([conv(conversation=[{"user": "a", "assistant": "b"}])], [(1, "missing key 'human'")]),

@@ -145,7 +145,7 @@ def test_config_keys_of_dataset_lists_are_checked(tmp_path):
         "datasets[1].weight': mix_strategy 'interleave' needs a positive weight": dict(
             datasets=[{"path": "x.jsonl", "weight": 1}, {"path": "y.jsonl"}], mix_strategy="interleave"
         ),
-        "datasets[0].train_on': not supported yet": dict(datasets=[{"path": "x.jsonl", "train_on": "last"}]),
+        "key 'datasets[0].train_on': 'last' is not one of": dict(datasets=[{"path": "x.jsonl", "train_on": "last"}]),
         "datasets[0].format': 'mesages' is not one of": dict(datasets=[{"path": "x.jsonl", "format": "mesages"}]),
         "key 'mix_strategy': 'interleaf' is not one of concatenate, interleave (did you mean 'interleave'?)": dict(
             datasets=[{"path": "x.jsonl"}], mix_strategy="interleaf"

@@ -272,6 +272,14 @@ def test_torchrun_ddp_matches_one_process(ddp, single, mode):
         assert "loss: lean" in (run / "train.log").read_text(), run
 
 
+def test_the_tokenized_data_is_cached_once_for_every_rank_and_run(ddp, single, work):
+    """Every run here tokenizes the same data: one cache entry, built by the first rank of the first
+    run inside main_process_first, loaded by the others; no temporary folder left behind."""
+    assert sorted(p.name.split("-")[0] for p in (work / "data_cache").iterdir()) == ["sft"]
+    summaries = {(run / "data_summary.json").read_text() for run in (*ddp.values(), *single.values())}
+    assert len(summaries) == 1
+
+
 def test_torchrun_only_rank0_writes_the_log(ddp):
     assert_logged_once(ddp["lora"])  # the launch's last run: no earlier run's log handler in its file
 

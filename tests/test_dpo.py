@@ -56,7 +56,9 @@ def test_malformed_lines_are_reported_as_file_and_line(tmp_path):
             "rejected": msgs(("user", "a"), ("assistant", "x"), ("assistant", "c")),
         },
         {"prompt": "q", "chosen": "", "rejected": "r"},
-        {"prompt": "q", "chosen": "c", "rejected": "r", "score": 1},
+        {"prompt": "q", "chosen": "c", "rejected": "r", "messages": [{"role": "user", "content": "q"}]},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": [{"role": "user", "content": "c"}], "rejected": "r"},
+        {"prompt": "q", "chosen": "c", "rejected": "r", "score": 1, "id": 7},  # ignored keys: a good line
     ]
     path = write_lines(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError) as err:
@@ -69,14 +71,15 @@ def test_malformed_lines_are_reported_as_file_and_line(tmp_path):
         5: "'rejected' must end with an assistant message",
         6: "the chosen and rejected replies are identical",
         7: "chosen[1].role: 'bot' is not one of",
-        8: "messages must alternate user/assistant",
+        8: "'chosen': message 2 is 'assistant' where 'user' was expected",
         9: "'chosen' must be non-empty text",
-        10: "unknown key(s) score",
+        10: "key(s) messages not read by a preference pair",
+        11: "'chosen' must be a string or a list of exactly one assistant message",
     }
     for line, what in expected.items():
         assert f"{path}:{line}: {what}" in message, (line, message)
-    assert f"{path}:1:" not in message
-    assert "9 invalid lines" in message
+    assert f"{path}:1:" not in message and f"{path}:12:" not in message
+    assert "10 invalid lines" in message
 
 
 # ---------------------------------------------------------------- tokens
@@ -92,10 +95,23 @@ def test_pair_tokens_are_exactly_the_sft_rendering():
         Message("user", "And two plus three?"),
     ]
     row = {
-        "chosen": [m._asdict() for m in history] + [{"role": "assistant", "content": "Five."}],
-        "rejected": [m._asdict() for m in history] + [{"role": "assistant", "content": "Six."}],
+        "chosen": [m.chat_template_dict() for m in history] + [{"role": "assistant", "content": "Five."}],
+        "rejected": [m.chat_template_dict() for m in history] + [{"role": "assistant", "content": "Six."}],
     }
     tokens = tokenize_pair(check_pair(row), template, tok)
+    # TRL's forms of the same pair: a message-list prompt, replies as strings or one assistant message.
+    prompt = [m.chat_template_dict() for m in history]
+    for chosen, rejected in (
+        ("Five.", "Six."),
+        (
+            [{"role": "assistant", "content": "Five."}],
+            [{"role": "assistant", "content": [{"type": "text", "text": "Six."}]}],
+        ),
+    ):
+        assert (
+            tokenize_pair(check_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected}), template, tok)
+            == tokens
+        )
     assert tokens.prompt == tok(generation_prompt(template, tok, history), add_special_tokens=False)["input_ids"]
     assert tok.decode(tokens.chosen) == "Five.<|im_end|>"
     assert tok.decode(tokens.rejected) == "Six.<|im_end|>"

@@ -107,3 +107,52 @@ def test_bad_line_is_reported_with_its_line(tmp_path, trained_dir, capsys):
     bad.write_text(TINY_SFT.read_text().splitlines()[0] + '\n{"conversation": [{"assistant": "x"}]}\n')
     assert evaluate.main(["--model", str(trained_dir), "--eval_file", str(bad)]) == 2
     assert f"{bad}:2:" in capsys.readouterr().err
+
+
+def test_eval_lines_in_every_format_and_prompts_without_replies():
+    from component.data.template import Message
+    from component.inference.evaluation import eval_line_checker
+
+    reply = {"role": "assistant", "content": "Hi!"}
+    cases = {
+        "messages": ({"messages": [{"role": "user", "content": "Hello"}, reply]}, True),
+        "messages_prompt": ({"messages": [{"role": "user", "content": "Hello"}]}, False),
+        "sharegpt_prompt": ({"conversations": [{"from": "human", "value": "Hello"}]}, False),
+        "alpaca_prompt": ({"instruction": "Hello"}, False),
+        "completion_prompt": ({"prompt": "Hello"}, False),
+        "alpaca": ({"instruction": "Hello", "output": "Hi!"}, True),
+    }
+    for name, (obj, has_reply) in cases.items():
+        record = eval_line_checker()(obj)
+        assert not isinstance(record, str), (name, record)
+        expected = [Message("user", "Hello")] + ([Message("assistant", "Hi!")] if has_reply else [])
+        assert (record.messages, record.has_reply) == (expected, has_reply), name
+    tool = {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2}}}],
+            },
+            {"role": "tool", "content": "4"},
+        ],
+        "tools": [{"type": "function", "function": {"name": "add"}}],
+    }
+    record = eval_line_checker()(tool)
+    assert record.has_reply is False and record.messages[-1] == Message("tool", "4") and record.tools
+
+
+def test_an_eval_line_a_template_cannot_render_names_its_line(tmp_path):
+    from component.data.template_registry import get_template
+    from component.errors import DataError
+    from component.inference.evaluation import read_eval_file
+    from tests.tiny import tiny_tokenizer
+
+    path = tmp_path / "e.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    bad = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": "r"}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    assert len(read_eval_file(str(path))) == 2  # before the model loads: the format only
+    with pytest.raises(DataError, match=f"{path}:2: template 'chatml' renders plain user/assistant text only"):
+        read_eval_file(str(path), get_template("chatml"), tiny_tokenizer())

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from component.data.sft import build_sft_dataset, read_conversations, tokenize_conversation
+from component.data.formats import FORMATS, convert
+from component.data.sft import as_record, build_sft_dataset, read_conversations, tokenize_record
 from component.data.template import IGNORE_INDEX
 from component.data.template_registry import get_template
 from component.errors import DataError
@@ -16,6 +17,12 @@ from tests.tiny import tiny_tokenizer
 @pytest.fixture(scope="module")
 def tok():
     return tiny_tokenizer()
+
+
+def tokenize_conversation(record: dict, template, tok, max_len: int) -> dict:
+    """A record of the conversation format as its one training example."""
+    (example,) = tokenize_record(as_record(convert(record, FORMATS["conversation"])), template, tok, max_len)
+    return example
 
 
 def supervised_text(tok, ids, labels):

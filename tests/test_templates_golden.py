@@ -107,7 +107,9 @@ def test_generation_prompt_is_the_training_text_before_the_reply(name):
     t = TEMPLATES[name]
     tok = golden_tokenizer(t)
     msgs = conversation_messages([{"human": "hi", "assistant": "yo"}])
-    full = render(t, tok, msgs)
+    # Qwen3's generation prompt ends with the empty think block (enable_thinking=False); by default
+    # that block is supervised, and with empty_think 'prompt' it is the prompt's end, as here.
+    full = render(t, tok, msgs, empty_think="prompt")
     assert full.text[: full.spans[0][0]] == generation_prompt(t, tok, msgs[:1])
 
 

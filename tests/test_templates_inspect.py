@@ -72,3 +72,32 @@ def test_a_datasets_list_is_inspected_as_a_mixture(tmp_path, tiny_llama_dir):
     assert inspect_data.main(argv, out) == 0
     assert "examples:" in out.getvalue()
     assert len(dump.read_text().splitlines()) == 2 * len(read_conversations(str(TINY_SFT)).records)
+
+
+def test_inspect_data_shows_dpo_pairs_with_what_is_learned(tmp_path, tiny_llama_dir):
+    from tests.conftest import dpo_config
+
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Two plus two?", "chosen": "Four.", "rejected": "Five."}) + "\n")
+    config = write_config(tmp_path / "c.json", **dpo_config(tiny_llama_dir, tmp_path / "out", pairs))
+    out = io.StringIO()
+    assert inspect_data.main(["--train_args_file", str(config), "--color", "never"], out) == 0
+    text = out.getvalue()
+    assert "── pair 0: prompt" in text and "(not learned)" in text and "Two plus two?" in text
+    assert "── chosen:" in text and "[[Four.<|im_end|>]]" in text and "[[Five.<|im_end|>]]" in text
+    assert "1 pairs; tokens:" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_inspect_data_shows_pretrain_blocks_with_document_boundaries(tmp_path, tiny_llama_dir):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["alpha beta", "gamma delta", "epsilon"]))
+    values = base_config(
+        tiny_llama_dir, tmp_path / "out", task_type="pretrain", train_file=str(docs), max_seq_length=256
+    )
+    values.pop("template_name")
+    out = io.StringIO()
+    assert inspect_data.main(["--train_args_file", str(write_config(tmp_path / "c.json", **values))], out) == 0
+    text = out.getvalue()
+    assert "── block 0:" in text and "3 document piece(s)" in text
+    assert text.count("¶") == 2 and "alpha beta" in text and "epsilon" in text

@@ -45,38 +45,43 @@ def tiny_like(tok, template):
 
 
 def dicts(msgs):
-    return [m._asdict() for m in msgs]
+    return [m.chat_template_dict() for m in msgs]
 
 
-def expected_labels(tok, text, msgs, stop, strip):
-    """The mask from the official text alone: each reply (as the template cleans it) through the
-    first end-of-turn token after it."""
+def expected_labels(tok, text, msgs, stop, strip, empty_think="supervised"):
+    """The mask from the official template alone: for each assistant message k, everything after
+    the official rendering of msgs[:k] with the generation prompt (with enable_thinking=False for
+    empty_think 'prompt'), through the first end-of-turn token after the reply."""
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans, pos = [], 0
-    for m in msgs:
-        content = m.content.strip() if strip else m.content
-        start = text.index(content, pos)
+    spans = []
+    for k, m in enumerate(msgs):
         if m.role != "assistant":
-            pos = start + len(content)
             continue
-        end = text.index(stop, start + len(content)) + len(stop)
-        spans.append((start, end))
-        pos = end
+        prompt = tok.apply_chat_template(dicts(msgs[:k]), tokenize=False, add_generation_prompt=True)
+        assert text.startswith(prompt)
+        if empty_think == "prompt":  # where the whole rendering has the block (the last reply only)
+            quiet = tok.apply_chat_template(
+                dicts(msgs[:k]), tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            prompt = quiet if text.startswith(quiet) else prompt
+        content = m.content.strip() if strip else m.content
+        end = text.index(stop, text.index(content, len(prompt)) + len(content)) + len(stop)
+        spans.append((len(prompt), end))
     return [
         i if any(s < e2 and e > s2 for s2, e2 in spans) and e > s else IGNORE_INDEX
         for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
 
 
-def check_family(tok, template, msgs):
+def check_family(tok, template, msgs, empty_think="supervised"):
     official_text = tok.apply_chat_template(dicts(msgs), tokenize=False)
-    ours = render(template, tok, msgs)
+    ours = render(template, tok, msgs, empty_think=empty_think)
     assert ours.text == official_text
     official_ids = tok.apply_chat_template(dicts(msgs), tokenize=True, return_dict=True)["input_ids"]
     encoded = encode(tok, ours)
     assert encoded.input_ids == list(official_ids)
     stop = template.stop_text(tok)
-    assert encoded.labels == expected_labels(tok, official_text, msgs, stop, template.strip_content)
+    assert encoded.labels == expected_labels(tok, official_text, msgs, stop, template.strip_content, empty_think)
     stop_id = tok.convert_tokens_to_ids(stop)
     runs = supervised_runs(encoded.labels)
     assert len(runs) == sum(m.role == "assistant" for m in msgs)
@@ -141,14 +146,31 @@ def test_llama3_first_revision_always_appends_the_header(official, case):
     assert encode(tok, ours).input_ids == tok(ours.text, add_special_tokens=False)["input_ids"]
 
 
-def test_qwen3_think_block_only_before_the_last_reply(official):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_qwen3_empty_think_block_in_the_prompt_on_request(official, case):
+    """empty_think 'prompt': the block joins the prompt, as the enable_thinking=False generation prompt puts it."""
+    check_family(official("qwen3"), get_template("qwen3"), CASES[case], empty_think="prompt")
+
+
+@pytest.mark.parametrize("template_name", ["qwen3", "auto"])
+def test_qwen3_empty_think_block_is_supervised_by_default_and_prompt_on_request(official, template_name):
+    from component.data.tokenizer_template import resolve_template
+
     tok = official("qwen3")
-    text = render(get_template("qwen3"), tok, CASES["multi"]).text
-    assert text.count("<think>\n\n</think>\n\n") == 1
+    template = resolve_template(template_name, tok)
+    text = render(template, tok, CASES["multi"]).text
+    assert text.count("<think>\n\n</think>\n\n") == 1  # before the last reply only, as the official template
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nYou are welcome.<|im_end|>\n")
-    encoded = encode(tok, render(get_template("qwen3"), tok, CASES["multi"]))
-    think = tok.convert_tokens_to_ids("<think>")
-    assert think not in [lab for lab in encoded.labels if lab != IGNORE_INDEX]  # prompt side, not learned
+    think, end_think = tok.convert_tokens_to_ids("<think>"), tok.convert_tokens_to_ids("</think>")
+    default = encode(tok, render(template, tok, CASES["multi"]))
+    learned = [lab for lab in default.labels if lab != IGNORE_INDEX]
+    assert think in learned and end_think in learned  # after the official generation prompt: supervised
+    prompt = encode(tok, render(template, tok, CASES["multi"], empty_think="prompt"))
+    assert prompt.input_ids == default.input_ids
+    assert think not in [lab for lab in prompt.labels if lab != IGNORE_INDEX]
+    assert sum(lab != IGNORE_INDEX for lab in default.labels) - sum(
+        lab != IGNORE_INDEX for lab in prompt.labels
+    ) == len(tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"])
 
 
 # ---------------------------------------------------------------- Mistral (mistral-common)
@@ -241,3 +263,28 @@ def test_smollm2_asset_is_the_gguf_tokenizer(official):
             assert (
                 gguf(text, add_special_tokens=False)["input_ids"] == asset(text, add_special_tokens=False)["input_ids"]
             )
+
+
+@pytest.mark.parametrize("asset,name", JINJA_FAMILIES)
+def test_an_explicitly_empty_system_message_renders_as_the_official_template(official, asset, name):
+    """{"role": "system", "content": ""} is kept (SmolLM2's template then drops its default system
+    prompt, and renders an empty system turn), in the named template and in 'auto' alike."""
+    from component.data.formats import FORMATS, convert
+    from component.data.tokenizer_template import resolve_template
+
+    tok = official(asset)
+    record = {
+        "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+        ]
+    }
+    msgs = convert(record, FORMATS["messages"]).all_messages()
+    assert msgs[0] == Message("system", "")
+    template = get_template(name)
+    if template.system_mode == "refuse":
+        pytest.skip(f"{name} has no system role")
+    check_family(tok, template, msgs)
+    auto = resolve_template("auto", tok)
+    assert encode(tok, render(auto, tok, msgs)) == encode(tok, render(template, tok, msgs))

@@ -7,21 +7,28 @@ renders. A record that cannot be converted gives a string naming the field,
 what was expected, and the fix; nothing in a record is silently dropped.
 
 - conversation (Firefly): `{"system"?, "conversation": [{"human", "assistant"}, ...]}`
-- messages (OpenAI/TRL): `{"messages": [{"role", "content"}, ...]}`; `developer` is a
-  system message; content is a string or a list of `{"type": "text", "text"}` parts,
-  joined with nothing in between (no text is invented, and chat templates that take
-  parts print them back to back).
-- sharegpt: `{"system"?, "conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}`
+- messages (OpenAI/TRL): `{"messages": [{"role", "content"}, ...], "tools"?: [...]}`;
+  roles system, developer (a system message), user, assistant and tool; content is a string or a
+  list of `{"type": "text", "text"}` parts, joined with nothing in between (no text is invented,
+  and chat templates that take parts print them back to back). Assistant turns may carry
+  `tool_calls` (`{"function": {"name", "arguments"}}`, arguments an object or its JSON string)
+  and reasoning as `reasoning_content` (or `reasoning`, `thinking`); tool results are `tool`
+  messages with optional `tool_call_id` and `name`.
+- sharegpt: `{"system"?, "tools"?, "conversations": [{"from", "value"}, ...]}` with from system,
+  human, gpt, function_call (the value a JSON call, or a list of them) and observation (a tool
+  result); a dataset's `roles` maps other names to these.
 - alpaca: `{"system"?, "history"?: [[user, assistant], ...], "instruction", "input"?, "output"}`;
   the last user turn is the instruction, followed by a blank line and the input when the
   input has any non-space text.
 - prompt_completion (TRL): `{"prompt": str | messages, "completion": str | messages}`.
 
-Every conversation is an optional system prompt, then user and assistant turns
-alternating, ending with an assistant reply (what the templates render and the
-loss needs). Tool calls, tool results and reasoning text are refused with "not
-supported yet" until the templates render them. `id` and `source` keys are
-allowed and ignored.
+Every conversation is an optional system prompt, then a user turn, and assistant replies (with
+tool results after their calls) and user turns in turn, ending with an assistant turn (what the
+templates render and the loss needs). `tools` is a list of functions (`{"type": "function",
+"function": {"name", ...}}` or the function object itself), or its JSON string. Top-level keys a
+format does not read (`id`, `source`, `category`, ...) are ignored and counted (`Conversation.ignored`);
+a key that holds conversation data in some format (`system` in a messages record, say) and an
+unknown key inside a turn are errors, since their text would be lost.
 
 A file's format is detected once, from the first record that holds exactly one
 format key (`FileFormat`), unless `data_format` names it; a record of another
@@ -30,41 +37,50 @@ format in the same file is reported on its line.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
 from component.config import AUTO_DATA_FORMAT
-from component.data.template import Message
+from component.data.template import Message, ToolCall
 
-METADATA_KEYS = frozenset({"id", "source"})
-LATER = "(tool calls and reasoning come in a later change)"
-# Message fields that carry tool calls, tool results or reasoning: refused, never dropped.
-UNSUPPORTED_MESSAGE_FIELDS = {
-    "tool_calls": "tool calls",
-    "function_call": "function calls",
-    "tool_call_id": "tool results",
-    "reasoning_content": "reasoning text",
-    "reasoning": "reasoning text",
-    "thinking": "reasoning text",
+# Top-level keys that hold conversation data in some format: never ignored, as their text would be lost.
+DATA_KEYS = frozenset(
+    {"system", "tools", "conversation", "conversations", "messages", "instruction", "input", "output", "history"}
+    | {"prompt", "completion", "chosen", "rejected", "text"}
+)
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+OTHER_ROLES = {"function": "legacy function results: write them as role 'tool' messages"}
+OTHER_MESSAGE_FIELDS = {"function_call": "a legacy function call: write it as tool_calls"}
+PART_HINTS = {
+    "thinking": "put reasoning text in the message's reasoning_content",
+    "reasoning": "put reasoning text in the message's reasoning_content",
+    "tool_use": "put tool calls in the message's tool_calls",
 }
-UNSUPPORTED_PART_TYPES = {"thinking": "reasoning text", "reasoning": "reasoning text", "tool_use": "tool calls"}
-MESSAGE_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED_ROLES = {"tool": "tool results", "function": "function results"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-UNSUPPORTED_SHAREGPT_ROLES = {"function_call": "function calls", "observation": "tool results"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "gpt": "assistant",
+    "function_call": "call",
+    "observation": "tool",
+}
 
 
 class Conversation(NamedTuple):
-    """A converted record: the system prompt (None when there is none) and the turns, which
-    alternate user/assistant, start with a user message and end with an assistant reply."""
+    """A converted record: the system prompt (None when there is none), the turns (a user message
+    first, an assistant turn last; tool results only after the calls they answer), the tool
+    definitions, and the top-level keys that were ignored."""
 
     system: Optional[str]
     messages: list[Message]
+    tools: Optional[list] = None
+    ignored: tuple[str, ...] = ()
 
     def all_messages(self) -> list[Message]:
         """The messages as the templates take them: the system prompt first, when there is one."""
-        return ([Message("system", self.system)] if self.system else []) + self.messages
+        return ([Message("system", self.system)] if self.system is not None else []) + self.messages
 
 
 class Invalid(Exception):
@@ -116,22 +132,27 @@ def _system(obj: dict) -> Optional[str]:
     return system or None
 
 
-def _only_keys(obj: dict, allowed: set[str], expected: str, where: str = "") -> None:
-    """Unknown keys are an error; the record's own (top-level) keys may add `id` and `source`."""
-    extra = set(obj) - allowed - (set() if where else METADATA_KEYS)
+def _only_keys(obj: dict, allowed: set[str], expected: str, where: str = "") -> tuple[str, ...]:
+    """Unknown keys inside a turn are an error (a typo there loses text). At the top level
+    (`where` empty) they are ignored and returned, except keys that hold conversation data in
+    some format, which would be lost."""
+    extra = set(obj) - allowed
+    if not where:
+        lost = sorted(k for k in extra & DATA_KEYS if _present(obj[k]))  # a null filler holds nothing
+        if lost:
+            raise Invalid(
+                f"key(s) {', '.join(lost)} not read by this format (their text would be lost); expected {expected}"
+            )
+        return tuple(sorted(extra))
     if extra:
-        prefix = f"{where}: " if where else ""
-        raise Invalid(f"{prefix}unknown key(s) {', '.join(sorted(extra))}; expected {expected}")
+        raise Invalid(f"{where}: unknown key(s) {', '.join(sorted(extra))}; expected {expected}")
+    return ()
 
 
 def _present(value: Any) -> bool:
     """A field that holds something: null, empty lists and empty strings (a uniform schema's
     fillers for records without the field) hold nothing that could be dropped."""
     return value is not None and value != [] and value != "" and value != {}
-
-
-def _not_yet(where: str, what: str) -> Invalid:
-    return Invalid(f"{where}: not supported yet: {what} {LATER}")
 
 
 def _list(value: Any, key: str, shape: str) -> list:
@@ -146,9 +167,13 @@ def _object(value: Any, where: str) -> dict:
     return value
 
 
-def _turns(system: Optional[str], turns: Sequence[tuple[str, Message]]) -> Conversation:
-    """Check the order the templates need: an optional system message first (from the list or
-    the top-level key, not both), then user/assistant alternating, ending with the assistant."""
+def _turns(
+    system: Optional[str], turns: Sequence[tuple[str, Message]], tools: Optional[list] = None, ignored=()
+) -> Conversation:
+    """Check the order the templates need: an optional system message first (from the list or the
+    top-level key, not both), then a user turn; after a user turn an assistant turn; after an
+    assistant turn with tool calls their results (at most one per call, answering a call by its id
+    when both have ids), then an assistant turn; the last turn an assistant's."""
     rest = list(turns)
     if rest and rest[0][1].role == "system":
         where, first = rest.pop(0)
@@ -157,29 +182,54 @@ def _turns(system: Optional[str], turns: Sequence[tuple[str, Message]]) -> Conve
         system = first.content
     if not rest:
         raise Invalid("no user or assistant message; a conversation needs a user turn and an assistant reply")
-    expected = "user"
+    previous: Optional[Message] = None
+    open_calls: list = []
     for where, message in rest:
-        if message.role == "system":
+        role = message.role
+        if role == "system":
             raise Invalid(f"{where}: a system message is allowed only first")
-        if message.role != expected:
-            raise Invalid(
-                f"{where}: roles must alternate user/assistant, starting with user; got {message.role!r} "
-                f"where {expected!r} was expected"
+        if role == "tool":
+            if not open_calls:
+                raise Invalid(
+                    f"{where}: a tool result with no tool call before it; a 'tool' message answers the "
+                    "tool_calls of the assistant turn just before it"
+                )
+            ids = [c.id for c in open_calls]
+            if message.tool_call_id is not None and any(ids) and message.tool_call_id not in ids:
+                raise Invalid(
+                    f"{where}.tool_call_id: {message.tool_call_id!r} answers none of the calls before it "
+                    f"({', '.join(repr(i) for i in ids if i)})"
+                )
+            open_calls.pop(ids.index(message.tool_call_id) if message.tool_call_id in ids else 0)
+        else:
+            expected = (
+                "user"
+                if previous is None or (previous.role == "assistant" and not previous.tool_calls)
+                else "assistant"
             )
-        expected = "assistant" if expected == "user" else "user"
-    if rest[-1][1].role != "assistant":
+            if previous is not None and previous.role == "assistant" and previous.tool_calls:
+                expected = "tool"
+            if role != expected:
+                raise Invalid(
+                    f"{where}: got {role!r} where {expected!r} was expected; a conversation starts with a user "
+                    "turn, an assistant turn answers each user turn, and tool results follow the assistant "
+                    "turn that called the tools"
+                )
+            open_calls = list(message.tool_calls)
+        previous = message
+    if previous.role != "assistant":
         raise Invalid(
-            f"{rest[-1][0]}: the conversation must end with an assistant reply (a trailing user turn "
+            f"{rest[-1][0]}: the conversation must end with an assistant turn (a trailing {previous.role} turn "
             "has nothing to learn); remove it or add the reply"
         )
-    return Conversation(system, [m for _, m in rest])
+    return Conversation(system, [m for _, m in rest], tools, tuple(ignored))
 
 
 # ---------------------------------------------------------------- conversation (Firefly)
 
 
 def _from_conversation(obj: dict) -> Conversation:
-    _only_keys(obj, {"conversation", "system"}, "conversation and optional system")
+    ignored = _only_keys(obj, {"conversation", "system"}, "conversation and optional system")
     system = _system(obj)
     conv = _list(obj["conversation"], "conversation", '{"human": ..., "assistant": ...} turns')
     messages = []
@@ -192,14 +242,17 @@ def _from_conversation(obj: dict) -> Conversation:
         extra = set(turn) - {"human", "assistant"}
         if extra:
             raise Invalid(f"conversation[{i}]: unknown key(s) {', '.join(sorted(extra))}")
-    return Conversation(system, messages)
+    return Conversation(system, messages, ignored=ignored)
 
 
 # ---------------------------------------------------------------- messages (OpenAI / TRL)
 
 
-def _content(value: Any, where: str) -> str:
-    """A string, or a list of text parts joined with nothing in between."""
+def _content(value: Any, where: str, empty_ok: bool = False) -> str:
+    """A string, or a list of text parts joined with nothing in between; `empty_ok` for an
+    assistant turn that calls tools (null or empty content)."""
+    if empty_ok and (value is None or value == "" or value == []):
+        return ""
     if not isinstance(value, list):
         return _text(value, where)
     if not value:
@@ -209,12 +262,11 @@ def _content(value: Any, where: str) -> str:
         at = f"{where}[{j}]"
         _object(part, at)
         kind = part.get("type")
-        if isinstance(kind, str) and kind in UNSUPPORTED_PART_TYPES:
-            raise _not_yet(f"{at}.type", f"{kind!r} parts ({UNSUPPORTED_PART_TYPES[kind]})")
         if kind != "text":
+            hint = PART_HINTS.get(kind) if isinstance(kind, str) else None
             raise Invalid(
-                f'{at}.type: {kind!r} parts are not supported; only {{"type": "text", "text": ...}} '
-                "parts (images and audio need a multimodal model)"
+                f'{at}.type: {kind!r} parts are not supported; only {{"type": "text", "text": ...}} parts '
+                f"({hint or 'images and audio need a multimodal model'})"
             )
         _only_keys(part, {"type", "text"}, "type and text", at)
         if "text" not in part:
@@ -225,28 +277,100 @@ def _content(value: Any, where: str) -> str:
     return _text("".join(texts), where)
 
 
+def _arguments(value: Any, where: str) -> dict:
+    """A call's arguments: an object, or its JSON string (OpenAI's wire form), parsed."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"{where}: not valid JSON ({exc.msg} at character {exc.pos}); give an object") from None
+    if not isinstance(value, dict):
+        raise Invalid(f"{where}: expected a JSON object of argument names and values, got {type(value).__name__}")
+    return value
+
+
+def _tool_call(call: Any, where: str) -> ToolCall:
+    """`{"id"?, "type"?: "function", "function": {"name", "arguments"}}`, or `{"name", "arguments"}`."""
+    _object(call, where)
+    if "function" in call:
+        _only_keys(call, {"id", "type", "function"}, "id, type and function", where)
+        if call.get("type", "function") != "function":
+            raise Invalid(f"{where}.type: {call['type']!r}; only 'function' calls are supported")
+        function, at = _object(call["function"], f"{where}.function"), f"{where}.function"
+    else:
+        function, at = call, where
+    _only_keys(
+        function, {"name", "arguments"} | ({"id", "type"} if function is call else set()), "name and arguments", at
+    )
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise Invalid(f"{at}.name: a call needs the function's name")
+    call_id = call.get("id")
+    if call_id is not None and not isinstance(call_id, str):
+        raise Invalid(f"{where}.id: expected a string, got {type(call_id).__name__}")
+    return ToolCall(name, _arguments(function.get("arguments", {}), f"{at}.arguments"), call_id)
+
+
+def _reasoning(m: dict, where: str) -> Optional[str]:
+    found = [k for k in REASONING_KEYS if k in m and _present(m[k])]
+    if len(found) > 1:
+        raise Invalid(f"{where}: reasoning in both {found[0]!r} and {found[1]!r}; keep one")
+    if not found:
+        return None
+    if m.get("role") != "assistant":
+        raise Invalid(f"{where}.{found[0]}: only assistant turns carry reasoning")
+    return _text(m[found[0]], f"{where}.{found[0]}")
+
+
 def _role_message(m: Any, where: str) -> Message:
     """One {"role", "content"} message; developer is a system message."""
     _object(m, where)
-    for key, what in UNSUPPORTED_MESSAGE_FIELDS.items():
+    for key, hint in OTHER_MESSAGE_FIELDS.items():
         if key in m and _present(m[key]):
-            raise _not_yet(f"{where}.{key}", what)
+            raise Invalid(f"{where}.{key}: {hint}")
     if "role" not in m:
         raise Invalid(f"{where}: missing key 'role'")
     role = m["role"]
-    if isinstance(role, str) and role in UNSUPPORTED_ROLES:
-        raise _not_yet(f"{where}.role", f"{role!r} messages ({UNSUPPORTED_ROLES[role]})")
+    if isinstance(role, str) and role in OTHER_ROLES:
+        raise Invalid(f"{where}.role: {role!r} is not supported ({OTHER_ROLES[role]})")
     if not isinstance(role, str) or role not in MESSAGE_ROLES:
         raise Invalid(f"{where}.role: {role!r} is not one of {', '.join(MESSAGE_ROLES)}")
-    if "content" not in m:
+    role = MESSAGE_ROLES[role]
+    allowed = {"role", "content", "tool_calls", *REASONING_KEYS} if role == "assistant" else {"role", "content"}
+    if role == "tool":
+        allowed |= {"tool_call_id", "name"}
+    # Empty fillers of a uniform schema (null tool_calls on a user turn) hold nothing.
+    _only_keys({k: v for k, v in m.items() if k in allowed or _present(v)}, allowed, ", ".join(sorted(allowed)), where)
+    calls = m.get("tool_calls")
+    tool_calls: tuple[ToolCall, ...] = ()
+    if _present(calls):
+        if not isinstance(calls, list):
+            raise Invalid(f"{where}.tool_calls: expected a list of calls, got {type(calls).__name__}")
+        tool_calls = tuple(_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls))
+    reasoning = _reasoning(m, where)
+    if role == "assistant" and not tool_calls and not _present(m.get("content")):
+        raise Invalid(
+            f"{where}: an assistant turn with neither content nor tool_calls; give the reply (or the calls)"
+            + (", not only reasoning" if reasoning else "")
+        )
+    if "content" not in m and role != "assistant":
         raise Invalid(f"{where}: missing key 'content'")
-    _only_keys(
-        {k: v for k, v in m.items() if k not in UNSUPPORTED_MESSAGE_FIELDS},
-        {"role", "content"},
-        "role and content",
-        where,
+    # An explicitly empty system message is kept: official templates render it (an empty system turn),
+    # unlike no system message (a default system prompt, for some).
+    empty_ok = (
+        (role == "assistant" and bool(tool_calls))
+        or (role == "system" and m.get("content") == "")
+        or role == "tool"  # a function may return nothing
     )
-    return Message(MESSAGE_ROLES[role], _content(m["content"], f"{where}.content"))
+    content = _content(m.get("content"), f"{where}.content", empty_ok=empty_ok)
+    extra = {}
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if _present(m.get(key)):
+                if not isinstance(m[key], str):
+                    raise Invalid(f"{where}.{key}: expected a string, got {type(m[key]).__name__}")
+                extra[key] = m[key]
+    return Message(role, content, tool_calls, reasoning, **extra)
 
 
 def _message_list(value: Any, key: str) -> list[tuple[str, Message]]:
@@ -254,43 +378,114 @@ def _message_list(value: Any, key: str) -> list[tuple[str, Message]]:
     return [(f"{key}[{i}]", _role_message(m, f"{key}[{i}]")) for i, m in enumerate(items)]
 
 
-def _refuse_tools(obj: dict) -> None:
-    """Tool definitions are refused; a null or empty `tools` is allowed (and holds nothing)."""
-    if "tools" in obj and _present(obj["tools"]):
-        raise _not_yet("tools", "tool definitions")
+def parse_messages(value: Any, key: str) -> Union[list[Message], str]:
+    """A list of role/content messages as in the messages format (content parts, developer as
+    system, tool calls...), or a string naming what is wrong; the order is the caller's to check."""
+    try:
+        return [m for _, m in _message_list(value, key)]
+    except Invalid as exc:
+        return str(exc)
+
+
+def parse_tools(value: Any, where: str = "tools") -> Optional[list]:
+    """Tool definitions as chat templates take them (`{"type": "function", "function": {...}}`):
+    a list of functions or their JSON string; null or empty is none."""
+    if not _present(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"{where}: not valid JSON ({exc.msg} at character {exc.pos})") from None
+    shape = 'a list of functions, each {"type": "function", "function": {"name": ..., "parameters": {...}}}'
+    if not isinstance(value, list):
+        raise Invalid(f"{where}: expected {shape}, got {type(value).__name__}")
+    tools = []
+    for i, tool in enumerate(value):
+        if not isinstance(tool, dict):
+            raise Invalid(f"{where}[{i}]: expected {shape}, got {type(tool).__name__}")
+        if tool.get("type", "function") != "function":
+            raise Invalid(f"{where}[{i}].type: {tool['type']!r}; only 'function' tools are supported")
+        function = tool.get("function", tool)
+        at = f"{where}[{i}]" + (".function" if "function" in tool else "")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise Invalid(f"{at}: a function needs a 'name'; expected {shape}")
+        if "parameters" in function and not isinstance(function["parameters"], dict):
+            raise Invalid(
+                f"{at}.parameters: expected a JSON schema object, got {type(function['parameters']).__name__}"
+            )
+        tools.append({"type": "function", "function": function})
+    return tools
 
 
 def _from_messages(obj: dict) -> Conversation:
-    _refuse_tools(obj)
-    _only_keys(obj, {"messages", "tools"}, "messages (a system prompt is a first message with role system)")
-    return _turns(None, _message_list(obj["messages"], "messages"))
+    ignored = _only_keys(
+        obj, {"messages", "tools"}, "messages and optional tools (a system prompt is a first message with role system)"
+    )
+    tools = parse_tools(obj.get("tools"))
+    return _turns(None, _message_list(obj["messages"], "messages"), tools, ignored)
 
 
 # ---------------------------------------------------------------- sharegpt
 
 
-def _sharegpt_turn(turn: Any, where: str) -> Message:
+def _sharegpt_calls(value: Any, where: str) -> tuple[ToolCall, ...]:
+    """A function_call turn's value: a JSON call `{"name", "arguments"}`, or a list of them."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise Invalid(f'{where}: not valid JSON ({exc.msg}); expected {{"name": ..., "arguments": {{...}}}}') from None
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    return tuple(_tool_call(c, f"{where}[{j}]" if isinstance(parsed, list) else where) for j, c in enumerate(calls))
+
+
+def _sharegpt_turn(turn: Any, where: str, roles: dict[str, str]) -> Message:
     _object(turn, where)
     for key in ("from", "value"):
         if key not in turn:
             raise Invalid(f"{where}: missing key '{key}'")
-    who = turn["from"]
-    if isinstance(who, str) and who in UNSUPPORTED_SHAREGPT_ROLES:
-        raise _not_yet(f"{where}.from", f"{who!r} turns ({UNSUPPORTED_SHAREGPT_ROLES[who]})")
+    who = roles.get(turn["from"], turn["from"]) if isinstance(turn["from"], str) else turn["from"]
     if not isinstance(who, str) or who not in SHAREGPT_ROLES:
-        raise Invalid(f"{where}.from: {who!r} is not one of {', '.join(SHAREGPT_ROLES)}")
+        mapped = f" (mapped by the dataset's roles to {who!r})" if who != turn["from"] else ""
+        raise Invalid(
+            f"{where}.from: {turn['from']!r}{mapped} is not one of {', '.join(SHAREGPT_ROLES)}; "
+            "map other names with the dataset's roles"
+        )
     _only_keys(turn, {"from", "value"}, "from and value", where)
-    return Message(SHAREGPT_ROLES[who], _text(turn["value"], f"{where}.value"))
+    role = SHAREGPT_ROLES[who]
+    value = "" if role == "system" and turn["value"] == "" else _text(turn["value"], f"{where}.value")
+    if role == "call":
+        return Message("assistant", "", _sharegpt_calls(value, f"{where}.value"))
+    return Message(role, value)
 
 
-def _from_sharegpt(obj: dict) -> Conversation:
-    _refuse_tools(obj)
-    _only_keys(obj, {"conversations", "system", "tools"}, "conversations and optional system")
+def _from_sharegpt(obj: dict, roles: Optional[dict[str, str]] = None) -> Conversation:
+    ignored = _only_keys(obj, {"conversations", "system", "tools"}, "conversations and optional system, tools")
     system = _system(obj)
+    tools = parse_tools(obj.get("tools"))
     turns = _list(obj["conversations"], "conversations", '{"from": ..., "value": ...} turns')
-    return _turns(
-        system, [(f"conversations[{i}]", _sharegpt_turn(t, f"conversations[{i}]")) for i, t in enumerate(turns)]
-    )
+    located = [
+        (f"conversations[{i}]", _sharegpt_turn(t, f"conversations[{i}]", roles or {})) for i, t in enumerate(turns)
+    ]
+    return _turns(system, _merge_calls(located), tools, ignored)
+
+
+def _merge_calls(located: list[tuple[str, Message]]) -> list[tuple[str, Message]]:
+    """A gpt text turn followed by a function_call turn is one assistant turn: the reply, then its calls."""
+    out: list[tuple[str, Message]] = []
+    for where, m in located:
+        prev = out[-1][1] if out else None
+        if (
+            m.role == "assistant"
+            and m.tool_calls
+            and prev is not None
+            and prev.role == "assistant"
+            and not prev.tool_calls
+        ):
+            out[-1] = (out[-1][0], prev._replace(tool_calls=m.tool_calls))
+        else:
+            out.append((where, m))
+    return out
 
 
 # ---------------------------------------------------------------- alpaca
@@ -319,7 +514,7 @@ def _history(value: Any) -> list[Message]:
 
 
 def _from_alpaca(obj: dict) -> Conversation:
-    _only_keys(
+    ignored = _only_keys(
         obj,
         {"instruction", "input", "output", "system", "history"},
         "instruction, output and optional input, system, history",
@@ -337,15 +532,15 @@ def _from_alpaca(obj: dict) -> Conversation:
         raise Invalid("'input': invalid Unicode (a lone surrogate escape such as \\ud800)")
     history = _history(obj.get("history"))
     user = Message("user", alpaca_user_text(instruction, input_text))
-    return Conversation(system, [*history, user, Message("assistant", _text(obj["output"], "output"))])
+    return Conversation(system, [*history, user, Message("assistant", _text(obj["output"], "output"))], ignored=ignored)
 
 
 # ---------------------------------------------------------------- prompt / completion (TRL)
 
 
 def _from_prompt_completion(obj: dict) -> Conversation:
-    _refuse_tools(obj)
-    _only_keys(obj, {"prompt", "completion", "tools"}, "prompt and completion")
+    ignored = _only_keys(obj, {"prompt", "completion", "tools"}, "prompt and completion, optional tools")
+    tools = parse_tools(obj.get("tools"))
     if "completion" not in obj:
         raise Invalid("missing key 'completion' (the reply to learn)")
     prompt, completion = obj["prompt"], obj["completion"]
@@ -367,7 +562,7 @@ def _from_prompt_completion(obj: dict) -> Conversation:
             raise Invalid("'completion' must hold exactly one assistant message")
     else:
         completion_turns = [("completion", Message("assistant", _text(completion, "completion")))]
-    return _turns(None, [*prompt_turns, *completion_turns])
+    return _turns(None, [*prompt_turns, *completion_turns], tools, ignored)
 
 
 # ---------------------------------------------------------------- the table, detection, converting
@@ -415,9 +610,12 @@ def _keys(obj: dict) -> str:
     return ", ".join(sorted(obj)) or "none"
 
 
-def convert(obj: Any, fmt: Format, read_as: str = "") -> Union[Conversation, str]:
+def convert(
+    obj: Any, fmt: Format, read_as: str = "", roles: Optional[dict[str, str]] = None
+) -> Union[Conversation, str]:
     """The record as a Conversation in format `fmt`, or a string naming what is wrong. `read_as`
-    says why the record is read as `fmt` (shown when it holds another format's key)."""
+    says why the record is read as `fmt` (shown when it holds another format's key); `roles`
+    maps a ShareGPT dataset's own role names to sharegpt's."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     if fmt.key not in obj:
@@ -436,7 +634,7 @@ def convert(obj: Any, fmt: Format, read_as: str = "") -> Union[Conversation, str
     if _is_preference(obj):
         return PREFERENCE_HINT
     try:
-        return fmt.to_conversation(obj)
+        return fmt.to_conversation(obj, roles) if fmt.name == "sharegpt" else fmt.to_conversation(obj)
     except Invalid as exc:
         return str(exc)
 
@@ -461,7 +659,8 @@ class FileFormat:
     """The format of one file: `data_format` when it names one, else detected from the first
     record that names exactly one format by its keys. `check` converts each record in turn."""
 
-    def __init__(self, data_format: str = AUTO_DATA_FORMAT):
+    def __init__(self, data_format: str = AUTO_DATA_FORMAT, roles: Optional[dict[str, str]] = None):
+        self.roles = roles
         forced = data_format != AUTO_DATA_FORMAT
         self.format: Optional[Format] = FORMATS[data_format] if forced else None
         self.read_as = (
@@ -476,4 +675,4 @@ class FileFormat:
             if found is None:
                 return f"expected a JSON object, got {type(obj).__name__}"
             self.format = found
-        return convert(obj, self.format, self.read_as)
+        return convert(obj, self.format, self.read_as, self.roles)

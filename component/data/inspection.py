@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from typing import Literal, Optional, TextIO
 
 from component.config import Config
+from component.data.cache import cache_root
+from component.data.packing import load_packed
+from component.data.preference import build_preference_dataset
 from component.data.sft import DataSummary, build_sft_mixture, read_checked, record_messages, truncate
 from component.data.splits import dataset_specs, mix_seed
-from component.data.template import IGNORE_INDEX, encode, render
-from component.data.tokenizer_template import resolve_template
+from component.data.supervision import Supervision, render_examples, supervision, turn_parts
+from component.data.template import IGNORE_INDEX, encode
+from component.data.tokenizer_template import resolve_template, use_chat_template_file
 
 GREEN, RESET = "\033[32m", "\033[0m"
 OPEN, CLOSE = "[[", "]]"
@@ -65,18 +69,46 @@ def marked_text(text: str, offsets, labels, kept: int, color: bool) -> str:
     return "".join(out) + (closing if inside else "")
 
 
-def show_example(n: int, record: dict, template, tokenizer, max_len: int, color: bool) -> str:
-    rendered = render(template, tokenizer, record_messages(record))
-    full = encode(tokenizer, rendered)
-    kept, was_cut = truncate(full, max_len)
-    offsets = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    supervised = sum(1 for x in kept.labels if x != IGNORE_INDEX)
-    status = "DROPPED: no supervised token left" if supervised == 0 else ("truncated" if was_cut else "kept whole")
-    header = (
-        f"── example {n}: {len(kept.input_ids)} tokens"
-        f"{f' (of {len(full.input_ids)})' if was_cut else ''}, {supervised} supervised, {status}"
-    )
-    return header + "\n" + marked_text(rendered.text, offsets, kept.labels, len(kept.input_ids), color)
+def show_example(
+    n: int, record: dict, template, tokenizer, max_len: int, color: bool, options: Supervision = Supervision()
+) -> str:
+    """Example n as training sees it (several where reasoning_history is per_turn), then a line per
+    assistant turn: the tokens learned of its reasoning, reply and tool calls."""
+    messages, tools = record_messages(record), record.get("tools")
+    shown = []
+    for j, rendered in enumerate(render_examples(template, tokenizer, messages, tools, options)):
+        full = encode(tokenizer, rendered)
+        kept, was_cut = truncate(full, max_len)
+        offsets = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        supervised = sum(1 for x in kept.labels if x != IGNORE_INDEX)
+        status = "DROPPED: no supervised token left" if supervised == 0 else ("truncated" if was_cut else "kept whole")
+        header = (
+            f"── example {n}{f'.{j}' if j else ''}: {len(kept.input_ids)} tokens"
+            f"{f' (of {len(full.input_ids)})' if was_cut else ''}, {supervised} supervised, {status}"
+        )
+        shown.append(header + "\n" + marked_text(rendered.text, offsets, kept.labels, len(kept.input_ids), color))
+        if j == 0:
+            shown.append(_part_lines(template, tokenizer, messages, tools, options, offsets, kept.labels))
+    return "\n".join(shown)
+
+
+def _part_lines(template, tokenizer, messages, tools, options: Supervision, offsets, labels) -> str:
+    """Per message: what it is, and for an assistant turn the supervised tokens of each part."""
+    parts = dict(turn_parts(template, tokenizer, messages, tools, options.empty_think))
+    lines = []
+    for k, m in enumerate(messages):
+        if k not in parts:
+            lines.append(f"   [{k}] {m.role}: not learned")
+            continue
+        counts = []
+        for name, (start, end) in parts[k].items():
+            if end <= start:
+                continue
+            # labels stop where the example is cut; the tokens after the cut are not learned
+            inside = [lab for (s, e), lab in zip(offsets, labels, strict=False) if s < end and e > start]
+            counts.append(f"{name} {sum(lab != IGNORE_INDEX for lab in inside)}/{len(inside)}")
+        lines.append(f"   [{k}] assistant, tokens learned: {', '.join(counts)}")
+    return "\n".join(lines)
 
 
 def histogram(lengths: list[int], max_len: int) -> list[str]:
@@ -117,6 +149,7 @@ def dump(dataset, path: str) -> None:
 def show_sft_data(config: Config, tokenizer, options: InspectOptions, out: Optional[TextIO] = None) -> None:
     """Write the template's stop token, the chosen examples marked, and the report to `out`."""
     out = out or sys.stdout
+    use_chat_template_file(tokenizer, config.data.chat_template)
     template = resolve_template(config.data.template_name, tokenizer, config.model.model_name_or_path)
     color = options.color == "always" or (options.color == "auto" and out.isatty())
     data = config.data
@@ -126,9 +159,15 @@ def show_sft_data(config: Config, tokenizer, options: InspectOptions, out: Optio
         f"source: {template.source}\n"
     )
     specs = dataset_specs(data.datasets, data.train_file, data.data_format)  # train_file or a `datasets` list
-    records = [r for read in read_checked(specs, data.skip_invalid_examples, template) for r in read.records]
-    for n in range(options.index, min(options.index + options.num, len(records))):
-        out.write(show_example(n, records[n], template, tokenizer, data.max_seq_length, color) + "\n")
+    reads = read_checked(specs, data.skip_invalid_examples, template, tokenizer)
+    shown = [
+        (record, supervision(spec.train_on, data.empty_think_block, data.reasoning_history))
+        for spec, read in zip(specs, reads, strict=True)
+        for record in read.records
+    ]
+    for n in range(options.index, min(options.index + options.num, len(shown))):
+        record, supervised = shown[n]
+        out.write(show_example(n, record, template, tokenizer, data.max_seq_length, color, supervised) + "\n")
     built = build_sft_mixture(
         specs,
         template,
@@ -137,9 +176,80 @@ def show_sft_data(config: Config, tokenizer, options: InspectOptions, out: Optio
         skip_invalid=data.skip_invalid_examples,
         strategy=data.mix_strategy,
         seed=mix_seed(config),
+        empty_think=data.empty_think_block,
+        reasoning_history=data.reasoning_history,
     )
     lengths = [len(x) for x in built.dataset["input_ids"]]
     out.write(report(built.summary, lengths, data.max_seq_length) + "\n")
     if options.dump:
         dump(built.dataset, options.dump)
         out.write(f"wrote {len(lengths)} examples to {options.dump}\n")
+
+
+# ---------------------------------------------------------------- DPO pairs
+
+
+def show_pair(n: int, row: dict, tokenizer, color: bool) -> str:
+    """One pair as DPO trains on it: the shared prompt (not learned), then each reply, marked as learned."""
+    opening, closing = (GREEN, RESET) if color else (OPEN, CLOSE)
+    prompt = tokenizer.decode(row["prompt_ids"])
+    lines = [f"── pair {n}: prompt {len(row['prompt_ids'])} tokens (not learned)", prompt]
+    for side in ("chosen", "rejected"):
+        ids = row[f"{side}_ids"]
+        lines.append(f"── {side}: {len(ids)} tokens, learned")
+        lines.append(f"{opening}{tokenizer.decode(ids)}{closing}")
+    return "\n".join(lines)
+
+
+def show_dpo_data(config: Config, tokenizer, options: InspectOptions, out: Optional[TextIO] = None) -> None:
+    """The pairs DPO trains on (prompt, chosen and rejected, with what is learned) and the data report."""
+    out = out or sys.stdout
+    use_chat_template_file(tokenizer, config.data.chat_template)
+    template = resolve_template(config.data.template_name, tokenizer, config.model.model_name_or_path)
+    color = options.color == "always" or (options.color == "auto" and out.isatty())
+    data = config.data
+    built = build_preference_dataset(
+        data.train_file,
+        template,
+        tokenizer,
+        data.max_seq_length,
+        data.max_prompt_length,
+        data.skip_invalid_examples,
+        data.empty_think_block,
+    )
+    for n in range(options.index, min(options.index + options.num, len(built.dataset))):
+        out.write(show_pair(n, built.dataset[n], tokenizer, color) + "\n")
+    out.write(f"── data report\n  {built.summary.describe()}\n")
+    if options.dump:
+        built.dataset.to_json(options.dump)
+        out.write(f"wrote {len(built.dataset)} pairs to {options.dump}\n")
+
+
+# ---------------------------------------------------------------- pretraining blocks
+
+DOC_MARK = "¶"  # where a document starts inside a block (its first token learns nothing)
+
+
+def show_block(n: int, row: dict, tokenizer) -> str:
+    """One packed block, a ¶ before every document start after the first (position_ids restart there)."""
+    ids, positions = list(row["input_ids"]), list(row["position_ids"])
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    pieces = [tokenizer.decode(ids[a:b]) for a, b in zip(starts, [*starts[1:], len(ids)], strict=True)]
+    return f"── block {n}: {len(ids)} tokens, {len(starts)} document piece(s)\n" + DOC_MARK.join(pieces)
+
+
+def show_pretrain_data(config: Config, tokenizer, options: InspectOptions, out: Optional[TextIO] = None) -> None:
+    """The packed blocks pretraining trains on, with document boundaries, and the data report."""
+    out = out or sys.stdout
+    data = config.data
+    built = load_packed(
+        data.train_file,
+        tokenizer,
+        data.max_seq_length,
+        cache_root(config),
+        data.tokenize_num_workers,
+        data.skip_invalid_examples,
+    )
+    for n in range(options.index, min(options.index + options.num, len(built.dataset))):
+        out.write(show_block(n, built.dataset[n], tokenizer) + "\n")
+    out.write(f"── data report\n  {built.summary.describe()}\n")

@@ -23,9 +23,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Union
@@ -34,15 +31,10 @@ import numpy as np
 import torch
 from datasets import Dataset, load_from_disk
 
-from component.config import Config
+from component.data.cache import META_FILE, code_digest, save_atomically, tokenizer_digest
 from component.data.jsonl import Problem, jsonl_files, raise_problems, read_jsonl
 from component.data.sft import SKIP_HINT
 from component.data.template import IGNORE_INDEX
-
-# Bump when the packed layout changes, so old cache entries are never read.
-CACHE_FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR_NAME = "data_cache"
-CACHE_META_FILE = "pretrain_meta.json"
 
 
 class PackingMode(str, enum.Enum):
@@ -89,23 +81,9 @@ def files_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_digest(tokenizer) -> str:
-    """Hash of what decides token ids: the tokenizer model and its special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps([type(tokenizer).__name__, tokenizer.eos_token, tokenizer.eos_token_id])
-    return hashlib.sha256((body + extra).encode()).hexdigest()
-
-
 def cache_key(path: str, tokenizer, max_len: int) -> str:
-    parts = [str(CACHE_FORMAT_VERSION), files_digest(path), tokenizer_digest(tokenizer), str(max_len)]
+    parts = [code_digest(), files_digest(path), tokenizer_digest(tokenizer), str(max_len)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
-
-
-def cache_root(config: Config) -> Path:
-    if config.data.data_cache_dir:
-        return Path(config.data.data_cache_dir)
-    return Path(config.output_dir).resolve().parent / DEFAULT_CACHE_DIR_NAME
 
 
 # ---------------------------------------------------------------- packing
@@ -195,34 +173,22 @@ def _build_packed(path: str, tokenizer, max_len: int, num_workers: int, skip_inv
     return Dataset.from_dict(blocks), meta
 
 
-def _save_atomically(dataset: Dataset, meta: dict, target: Path) -> None:
-    """Write to a temporary sibling, then rename: readers never see half an entry."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    dataset.save_to_disk(str(tmp / "data"))
-    (tmp / CACHE_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished the same entry first
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def load_packed(
     path: str, tokenizer, max_len: int, cache_dir: Path, num_workers: int = 1, skip_invalid: bool = False
 ) -> PackedData:
     """Packed blocks for `path`, from the cache when its key matches, else built and cached."""
     entry = cache_dir / f"pretrain-{cache_key(path, tokenizer, max_len)}"
-    hit = (entry / CACHE_META_FILE).is_file()
+    hit = (entry / META_FILE).is_file()
     if hit:
         dataset = load_from_disk(str(entry / "data"))
-        meta = json.loads((entry / CACHE_META_FILE).read_text())
+        meta = json.loads((entry / META_FILE).read_text())
     else:
         dataset, meta = _build_packed(path, tokenizer, max_len, num_workers, skip_invalid)
     problems = [Problem(*p) for p in meta["problems"]]
     if problems and not skip_invalid:
         raise_problems(path, problems, SKIP_HINT)
     if not hit:
-        _save_atomically(dataset, meta, entry)
+        save_atomically(dataset, meta, entry)
         dataset = load_from_disk(str(entry / "data"))  # memory-mapped, like a cache hit
     summary = PretrainSummary(
         files=meta["files"],

@@ -4,8 +4,10 @@ Data, JSONL, one pair per line, in either form:
 - `{"chosen": [messages], "rejected": [messages]}`: role/content lists with
   an optional leading system message, the same history, and a different
   last assistant message;
-- `{"prompt": str, "chosen": str, "rejected": str}` (optional `"system"`):
-  one user turn and two replies.
+- `{"prompt": str | [messages], "chosen": str | [assistant message], "rejected": ...}`
+  (TRL's forms; optional `"system"` with a string prompt): the history and two replies.
+Messages follow the messages format's rules (content parts, `developer` as system); other
+top-level keys (`id`, `category`, ...) are ignored.
 Lines are checked (the history really shared, roles alternating, the
 template able to render it) and problems reported as `file:line`.
 
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 from datasets import Dataset
 
+from component.data.formats import DATA_KEYS, parse_messages
 from component.data.jsonl import Problem, raise_problems, read_jsonl
 from component.data.sft import SKIP_HINT
 from component.data.template import (
@@ -37,7 +40,8 @@ from component.data.template import (
     render,
 )
 
-ROLES = ("system", "user", "assistant")
+# The keys a pair may hold; other top-level keys (id, source, category, ...) are ignored, as in SFT.
+PAIR_KEYS = frozenset({"prompt", "chosen", "rejected", "system"})
 
 
 class Pair(NamedTuple):
@@ -52,18 +56,28 @@ class Pair(NamedTuple):
 
 
 def _messages(value: Any, key: str) -> Union[list[Message], str]:
-    if not isinstance(value, list) or not value:
-        return f'\'{key}\' must be a non-empty list of {{"role": ..., "content": ...}} messages'
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            return f"{key}[{i}]: expected an object with exactly 'role' and 'content'"
-        if m["role"] not in ROLES:
-            return f"{key}[{i}].role: {m['role']!r} is not one of {', '.join(ROLES)}"
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            return f"{key}[{i}].content: expected non-empty text"
-        out.append(Message(m["role"], m["content"]))
-    return out
+    """Plain role/content messages (the messages format's rules: content parts, developer as system)."""
+    messages = parse_messages(value, key)
+    if isinstance(messages, str):
+        return messages
+    for i, m in enumerate(messages):
+        if not m.plain:
+            return f"{key}[{i}]: DPO pairs take plain system/user/assistant text, not tool calls, results or reasoning"
+    return messages
+
+
+def _alternates(history: list[Message], key: str) -> Optional[str]:
+    """The history and the reply after it alternate user/assistant from a user turn (a system message only first)."""
+    roles = [m.role for m in history] + ["assistant"]
+    first = 1 if roles[0] == "system" else 0
+    for i in range(first, len(roles)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if roles[i] != expected:
+            return (
+                f"'{key}': message {i} is {roles[i]!r} where {expected!r} was expected; the turns alternate "
+                "user/assistant from a user turn, and the replies answer the last user turn"
+            )
+    return None
 
 
 def _pair_from_messages(obj: dict) -> Union[Pair, str]:
@@ -87,35 +101,66 @@ def _pair_from_messages(obj: dict) -> Union[Pair, str]:
             )
     if chosen[-1].content == rejected[-1].content:
         return "the chosen and rejected replies are identical"
-    return Pair(chosen[:-1], chosen[-1].content, rejected[-1].content)
+    return _alternates(chosen[:-1], "chosen") or Pair(chosen[:-1], chosen[-1].content, rejected[-1].content)
 
 
-def _pair_from_strings(obj: dict) -> Union[Pair, str]:
-    for key in ("prompt", "chosen", "rejected"):
-        if not isinstance(obj[key], str) or not obj[key].strip():
-            return f"'{key}' must be non-empty text"
-    system = obj.get("system")
+def _reply(value: Any, key: str) -> Union[str, list]:
+    """A reply: a string, or a list holding one assistant message (TRL's conversational form)."""
+    if isinstance(value, list):
+        messages = _messages(value, key)
+        if isinstance(messages, str):
+            return messages
+        if len(messages) != 1 or messages[0].role != "assistant":
+            return f"'{key}' must be a string or a list of exactly one assistant message"
+        return [messages[0].content]
+    if not isinstance(value, str) or not value.strip():
+        return f"'{key}' must be non-empty text"
+    return [value]
+
+
+def _pair_from_prompt(obj: dict) -> Union[Pair, str]:
+    """`prompt` a string (with an optional `system`) or a message list; each reply a string or one
+    assistant message."""
+    prompt, system = obj["prompt"], obj.get("system")
     if system is not None and not isinstance(system, str):
         return f"'system' must be a string, got {type(system).__name__}"
-    if obj["chosen"] == obj["rejected"]:
+    if isinstance(prompt, list):
+        if system is not None:
+            return "'system' with a message-list prompt: put the system message first in 'prompt'"
+        history = _messages(prompt, "prompt")
+        if isinstance(history, str):
+            return history
+        problem = _alternates(history, "prompt")
+        if problem:
+            return problem
+    elif isinstance(prompt, str) and prompt.strip():
+        history = ([Message("system", system)] if system else []) + [Message("user", prompt)]
+    else:
+        return "'prompt' must be non-empty text or a list of messages"
+    chosen, rejected = _reply(obj["chosen"], "chosen"), _reply(obj["rejected"], "rejected")
+    for side in (chosen, rejected):
+        if isinstance(side, str):
+            return side
+    if chosen == rejected:
         return "the chosen and rejected replies are identical"
-    history = ([Message("system", system)] if system else []) + [Message("user", obj["prompt"])]
-    return Pair(history, obj["chosen"], obj["rejected"])
+    return Pair(history, chosen[0], rejected[0])
 
 
 def check_pair(obj: Any) -> Union[Pair, str]:
-    """A clean Pair, or a string naming what is wrong."""
+    """A clean Pair, or a string naming what is wrong. Forms: `{"prompt", "chosen", "rejected"}`
+    (strings or message lists) and `{"chosen": [messages], "rejected": [messages]}`."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {type(obj).__name__}"
     missing = [k for k in ("chosen", "rejected") if k not in obj]
     if missing:
         return f"missing key(s) {', '.join(missing)} (keys present: {', '.join(sorted(obj)) or 'none'})"
+    lost = sorted(k for k in (set(obj) & DATA_KEYS) - PAIR_KEYS if obj[k] not in (None, "", [], {}))
+    if lost:
+        return f"key(s) {', '.join(lost)} not read by a preference pair (their text would be lost)"
     if "prompt" in obj:
-        extra = set(obj) - {"prompt", "chosen", "rejected", "system", "id", "source"}
-        return f"unknown key(s) {', '.join(sorted(extra))}" if extra else _pair_from_strings(obj)
-    extra = set(obj) - {"chosen", "rejected", "id", "source"}
-    if extra:
-        return f"unknown key(s) {', '.join(sorted(extra))}; expected chosen and rejected message lists"
+        return _pair_from_prompt(obj)
+    if "system" in obj:
+        return "'system' belongs in the message lists of 'chosen' and 'rejected' (or use a 'prompt')"
     return _pair_from_messages(obj)
 
 
@@ -144,9 +189,11 @@ class Tokens(NamedTuple):
     rejected: list[int]
 
 
-def _side(template: Template, tokenizer, history: list[Message], reply: str) -> tuple[list[int], int]:
+def _side(
+    template: Template, tokenizer, history: list[Message], reply: str, empty_think: str = "supervised"
+) -> tuple[list[int], int]:
     """Token ids of history + reply up to its end-of-turn, and where the reply's tokens start."""
-    rendered = render(template, tokenizer, [*history, Message("assistant", reply)])
+    rendered = render(template, tokenizer, [*history, Message("assistant", reply)], empty_think=empty_think)
     start, end = rendered.spans[-1]
     # The text after the end-of-turn token (the separator) is not generated, so not part of the reply.
     ids, labels = encode(tokenizer, Rendered(rendered.text[:end], [(start, end)]))
@@ -154,10 +201,10 @@ def _side(template: Template, tokenizer, history: list[Message], reply: str) -> 
     return ids, first
 
 
-def tokenize_pair(pair: Pair, template: Template, tokenizer) -> Tokens:
+def tokenize_pair(pair: Pair, template: Template, tokenizer, empty_think: str = "supervised") -> Tokens:
     """Prompt and completions as SFT tokenizes them; the prompt is the tokens both sides share."""
-    ids_c, start_c = _side(template, tokenizer, pair.history, pair.chosen)
-    ids_r, start_r = _side(template, tokenizer, pair.history, pair.rejected)
+    ids_c, start_c = _side(template, tokenizer, pair.history, pair.chosen, empty_think)
+    ids_r, start_r = _side(template, tokenizer, pair.history, pair.rejected, empty_think)
     # Both sides render the same prompt text; a token merging across the prompt/reply boundary can
     # still split it differently, so the prompt is the longest common token prefix.
     shared = 0
@@ -209,15 +256,23 @@ class PreferenceData(NamedTuple):
 
 
 def build_preference_dataset(
-    path: str, template: Template, tokenizer, max_len: int, max_prompt_len: int, skip_invalid: bool = False
+    path: str,
+    template: Template,
+    tokenizer,
+    max_len: int,
+    max_prompt_len: int,
+    skip_invalid: bool = False,
+    empty_think: str = "supervised",
 ) -> PreferenceData:
+    """`empty_think` 'prompt' puts Qwen3's empty think block in the prompt, shared by both replies;
+    'supervised' (default) in each reply, as SFT learns it."""
     read = read_jsonl(path, pair_checker(template, tokenizer))
     if read.problems and not skip_invalid:
         raise_problems(path, read.problems, SKIP_HINT)
     rows: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     truncated = dropped = 0
     for pair in read.records:
-        tokens, cut = truncate_pair(tokenize_pair(pair, template, tokenizer), max_len, max_prompt_len)
+        tokens, cut = truncate_pair(tokenize_pair(pair, template, tokenizer, empty_think), max_len, max_prompt_len)
         truncated += cut
         if tokens is None:
             dropped += 1

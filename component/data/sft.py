@@ -9,8 +9,9 @@ conversation with the template, labels exactly the assistant replies and
 their end-of-turn tokens, and then truncates in one place (`truncate`). An
 example left with no supervised token is dropped and counted.
 
-A checked record is `{"system": str | None, "messages": [{"role", "content"}, ...]}`
-(user and assistant turns; the system prompt apart, as the converters give it).
+A checked record is `{"system": str | None, "messages": [Message.to_dict(), ...], "tools"?: [...]}`
+(the turns, with the system prompt apart, as the converters give it). What of each conversation is
+learned, and how many examples it gives, is supervision.py's `render_examples`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ from component.data.formats import FORMATS, Conversation, FileFormat, convert
 from component.data.jsonl import Problem, raise_problems
 from component.data.mixing import mix, resize
 from component.data.sources import DatasetSpec, read_source
+from component.data.supervision import Supervision, render_examples, supervision
 from component.data.template import (
     IGNORE_INDEX,
     Encoded,
     Message,
     Template,
-    conversation_messages,
-    encode_messages,
+    TemplateError,
+    encode,
+    render,
+    rich_parts,
+    rich_refusal,
 )
 
 INVALID_EXAMPLES_FILE = "invalid_examples.txt"
@@ -51,20 +56,31 @@ def check_conversation(obj: Any) -> Union[dict, str]:
 
 
 def as_record(conversation: Conversation) -> dict:
-    """A converted conversation as a dataset row."""
-    return {"system": conversation.system, "messages": [m._asdict() for m in conversation.messages]}
+    """A converted conversation as a record (JSON-able)."""
+    record = {"system": conversation.system, "messages": [m.to_dict() for m in conversation.messages]}
+    if conversation.tools:
+        record["tools"] = conversation.tools
+    return record
 
 
 def record_messages(record: dict) -> list[Message]:
     """A checked record's messages as the templates take them: the system prompt first, when there is one."""
-    turns = [Message(m["role"], m["content"]) for m in record["messages"]]
+    turns = [Message.from_dict(m) for m in record["messages"]]
     return Conversation(record.get("system"), turns).all_messages()
+
+
+def refused_rich(record: dict, template: Optional[Template]) -> Optional[str]:
+    """Why a named template cannot render this record's tool calls, tool results, reasoning or tools."""
+    if not isinstance(template, Template):
+        return None
+    rich = rich_parts(record_messages(record), record.get("tools"))
+    return rich_refusal(template, rich) if rich else None
 
 
 def refused_system(record: dict, template: Optional[Template]) -> Optional[str]:
     """Why `template` cannot render this record's system prompt, or None."""
     system_mode = getattr(template, "system_mode", None)  # an `auto` template renders any system prompt
-    if record.get("system") and system_mode == "refuse":
+    if record.get("system") is not None and system_mode == "refuse":
         return (
             f"'system': template {template.name!r} has no system role ({template.system_note}); "
             "remove the system prompt or choose a template with one"
@@ -73,33 +89,64 @@ def refused_system(record: dict, template: Optional[Template]) -> Optional[str]:
 
 
 class SFTRead(NamedTuple):
-    """Checked records, the lines that failed, and each file's format."""
+    """Checked records, the lines that failed, each file's format, and the top-level keys ignored."""
 
     records: list[dict]
     problems: list[Problem]
     formats: dict[str, str]
     """file -> the format it was read as (files with no valid record are left out)."""
+    ignored_keys: list[str] = []
+    """Top-level keys no format reads (`id`, `category`, ...), ignored; listed once in the summary."""
 
 
-def _checker(file_format: FileFormat, template: Optional[Template]):
+def rendering_problem(record: dict, template, tokenizer) -> Optional[str]:
+    """Why a chat template (auto) cannot render a record with tool calls, results or reasoning,
+    found when the record is read, so that it names its line."""
+    if tokenizer is None or isinstance(template, Template) or template is None:
+        return None
+    messages = record_messages(record)
+    if not rich_parts(messages, record.get("tools")):
+        return None
+    try:
+        render(template, tokenizer, messages, tools=record.get("tools"))
+    except TemplateError as exc:
+        return str(exc)
+    return None
+
+
+def template_problem(record: dict, template, tokenizer=None) -> Optional[str]:
+    """Why the template cannot render this record (its system prompt, tool calls, reasoning), or None."""
+    return (
+        refused_system(record, template)
+        or refused_rich(record, template)
+        or rendering_problem(record, template, tokenizer)
+    )
+
+
+def _checker(file_format: FileFormat, template: Optional[Template], ignored: set[str], tokenizer=None):
     def check(obj: Any) -> Union[dict, str]:
         converted = file_format.check(obj)
         if isinstance(converted, str):
             return converted
         record = as_record(converted)
-        return refused_system(record, template) or record
+        problem = template_problem(record, template, tokenizer)
+        if problem:
+            return problem
+        ignored.update(converted.ignored)
+        return record
 
     return check
 
 
-def read_dataset(spec: DatasetSpec, template: Optional[Template] = None) -> SFTRead:
+def read_dataset(spec: DatasetSpec, template: Optional[Template] = None, tokenizer=None) -> SFTRead:
     """Read and check one dataset, each file in its own format (or spec.format), against
     `template` too when given; problems are returned, not raised."""
     file_formats: list[FileFormat] = []
+    ignored: set[str] = set()
 
     def make_check():
-        file_formats.append(FileFormat(spec.format))  # detection starts afresh in every file
-        return _checker(file_formats[-1], template)
+        file_formats.append(FileFormat(spec.format, spec.roles))  # detection starts afresh in every file
+        return _checker(file_formats[-1], template, ignored, tokenizer)
 
     records: list[dict] = []
     problems: list[Problem] = []
@@ -109,7 +156,7 @@ def read_dataset(spec: DatasetSpec, template: Optional[Template] = None) -> SFTR
         problems += piece.problems
         if piece.records:
             formats[piece.name] = file_format.format.name
-    return SFTRead(records, problems, formats)
+    return SFTRead(records, problems, formats, sorted(ignored))
 
 
 def read_conversations(
@@ -123,10 +170,13 @@ def read_conversations(
     return read_checked([DatasetSpec(path, format=data_format)], skip_invalid, template)[0]
 
 
-def read_checked(specs: Sequence[DatasetSpec], skip_invalid: bool, template: Optional[Template]) -> list[SFTRead]:
+def read_checked(
+    specs: Sequence[DatasetSpec], skip_invalid: bool, template: Optional[Template], tokenizer=None
+) -> list[SFTRead]:
     """Every dataset read; all their problems raised at once unless skipping, and a dataset
-    with no valid record raised either way."""
-    reads = [read_dataset(spec, template) for spec in specs]
+    with no valid record raised either way. With the tokenizer, records that only a chat
+    template renders (tools, reasoning) are rendered as they are read."""
+    reads = [read_dataset(spec, template, tokenizer) for spec in specs]
     problems = [p for read in reads for p in read.problems]
     names = ", ".join(spec.path for spec in specs)
     if problems and not skip_invalid:
@@ -152,8 +202,9 @@ def truncate(encoded: Encoded, max_len: int) -> tuple[Encoded, bool]:
     return Encoded(encoded.input_ids[:max_len], encoded.labels[:max_len]), True
 
 
-def tokenize_messages(messages: Sequence[Message], template: Template, tokenizer, max_len: int) -> dict:
-    encoded, was_cut = truncate(encode_messages(template, tokenizer, messages), max_len)
+def tokenized_example(encoded: Encoded, max_len: int) -> dict:
+    """An encoded conversation, truncated, with its counts: one row of the training set."""
+    encoded, was_cut = truncate(encoded, max_len)
     supervised = sum(1 for x in encoded.labels if x != IGNORE_INDEX)
     return {
         "input_ids": encoded.input_ids,
@@ -163,15 +214,23 @@ def tokenize_messages(messages: Sequence[Message], template: Template, tokenizer
     }
 
 
-def tokenize_record(record: dict, template: Template, tokenizer, max_len: int) -> dict:
-    """A checked record (any format, converted) as a training example."""
-    return tokenize_messages(record_messages(record), template, tokenizer, max_len)
+def tokenize_record(
+    record: dict, template: Template, tokenizer, max_len: int, options: Supervision = Supervision()
+) -> list[dict]:
+    """A checked record (any format, converted) as its training examples (one, or one per turn
+    under reasoning_history per_turn)."""
+    examples = render_examples(template, tokenizer, record_messages(record), record.get("tools"), options)
+    return [tokenized_example(encode(tokenizer, rendered), max_len) for rendered in examples]
 
 
-def tokenize_conversation(record: dict, template: Template, tokenizer, max_len: int) -> dict:
-    """A record of our own format, `{"conversation", "system"}`, as a training example (evaluation)."""
-    messages = conversation_messages(record["conversation"], record.get("system"))
-    return tokenize_messages(messages, template, tokenizer, max_len)
+def _tokenize_batch(batch: dict, template: Template, tokenizer, max_len: int, options: Supervision) -> dict:
+    """datasets.map, batched: records (as JSON, whose nested shapes Arrow cannot hold) to examples."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "num_supervised": []}
+    for text in batch["record"]:
+        for example in tokenize_record(json.loads(text), template, tokenizer, max_len, options):
+            for key, value in example.items():
+                out[key].append(value)
+    return out
 
 
 @dataclass
@@ -212,6 +271,13 @@ class DataSummary:
     """The format the data was read as (formats.py), per file where a folder mixes them."""
     datasets: list[SourceSummary] = field(default_factory=list)
     """Each dataset of the list (one for train_file), with its realised share."""
+    ignored_keys: list[str] = field(default_factory=list)
+    """Top-level record keys no format reads (`id`, `category`, ...): ignored, listed once here."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataSummary:
+        """As dataclasses.asdict wrote it (the data cache)."""
+        return cls(**{**d, "datasets": [SourceSummary(**x) for x in d.get("datasets", [])]})
 
     def describe(self) -> str:
         text = (
@@ -219,6 +285,8 @@ class DataSummary:
             f"{self.truncated} truncated, {self.dropped_no_supervised} dropped with no supervised token "
             f"after truncation, {self.invalid_lines} invalid lines skipped"
         )
+        if self.ignored_keys:
+            text += f"; ignored record keys: {', '.join(self.ignored_keys)}"
         if len(self.datasets) > 1:
             text += "".join(f"\n  - {d.describe()}" for d in self.datasets)
         return text
@@ -239,11 +307,19 @@ class Tokenized(NamedTuple):
     dropped: int
 
 
-def tokenize_records(records: list[dict], template: Template, tokenizer, max_len: int, num_workers: int) -> Tokenized:
-    raw = Dataset.from_list(records)
+def tokenize_records(
+    records: list[dict],
+    template: Template,
+    tokenizer,
+    max_len: int,
+    num_workers: int,
+    options: Supervision = Supervision(),
+) -> Tokenized:
+    raw = Dataset.from_dict({"record": [json.dumps(r, ensure_ascii=False) for r in records]})
     tokenized = raw.map(
-        tokenize_record,
-        fn_kwargs={"template": template, "tokenizer": tokenizer, "max_len": max_len},
+        _tokenize_batch,
+        batched=True,
+        fn_kwargs={"template": template, "tokenizer": tokenizer, "max_len": max_len, "options": options},
         remove_columns=raw.column_names,
         num_proc=num_workers if num_workers > 1 and len(raw) >= num_workers else None,
         desc="Tokenizing",
@@ -276,11 +352,23 @@ def build_sft_mixture(
     skip_invalid: bool = False,
     strategy: str = "concatenate",
     seed: int = 42,
+    empty_think: str = "supervised",
+    reasoning_history: str = "whole",
 ) -> SFTData:
-    """Each dataset read, converted and tokenized on its own (its own format), then mixed
-    (component/data/mixing.py); the summary gives each dataset's realised share."""
-    reads = read_checked(specs, skip_invalid, template)
-    parts = [tokenize_records(r.records, template, tokenizer, max_len, num_workers) for r in reads]
+    """Each dataset read, converted and tokenized on its own (its own format and train_on), then
+    mixed (component/data/mixing.py); the summary gives each dataset's realised share."""
+    reads = read_checked(specs, skip_invalid, template, tokenizer)
+    parts = [
+        tokenize_records(
+            r.records,
+            template,
+            tokenizer,
+            max_len,
+            num_workers,
+            supervision(s.train_on, empty_think, reasoning_history),
+        )
+        for s, r in zip(specs, reads, strict=True)
+    ]
     for spec, part in zip(specs, parts, strict=True):
         if len(part.kept) == 0:
             raise_problems(
@@ -302,6 +390,7 @@ def build_sft_mixture(
         invalid_lines=sum(len(r.problems) for r in reads),
         data_format=describe_formats(formats),
         datasets=sources,
+        ignored_keys=sorted({k for r in reads for k in r.ignored_keys}),
     )
     problems = [p for r in reads for p in r.problems]
     return SFTData(data.remove_columns(["truncated", "num_supervised"]), summary, problems)

@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from component.config import AUTO_DATA_FORMAT
 from component.data.jsonl import Checker, Problem, ReadResult, read_jsonl
@@ -51,6 +51,10 @@ class DatasetSpec:
     """mix_strategy concatenate: how many examples to take (component/data/mixing.py)."""
     columns: dict[str, str] = field(default_factory=dict)
     """source column -> the format's key, applied before conversion."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """ShareGPT: the dataset's own role names -> sharegpt's (human, gpt, ...)."""
+    train_on: Optional[Union[str, list[str]]] = None
+    """What of each assistant turn is learned (component/data/supervision.py); default all of it."""
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> DatasetSpec:

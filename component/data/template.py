@@ -23,19 +23,86 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 from component.errors import DataError
 
 IGNORE_INDEX = -100
+MARK = "\u2063"  # invisible separator: a marker no chat template strips or rewrites (tests by difference)
 AUTO_TEMPLATE = "auto"
 
 SystemMode = Literal["native", "fold", "refuse"]
 
 
+EMPTY_THINK_MODES = ("supervised", "prompt")
+"""Where an empty think block (Qwen3's `<think>\n\n</think>\n\n` before a reply with no
+reasoning) goes: supervised, as everything after the official generation prompt is (default), or
+into the prompt, as the template's `enable_thinking=False` generation prompt puts it."""
+
+
+class ToolCall(NamedTuple):
+    """One function call of an assistant turn; `arguments` is a JSON object, parsed."""
+
+    name: str
+    arguments: dict
+    id: Optional[str] = None
+
+
 class Message(NamedTuple):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    """Assistant turns: the functions it calls (content may then be empty)."""
+    reasoning: Optional[str] = None
+    """Assistant turns: the reasoning ("thinking") text before the reply."""
+    name: Optional[str] = None
+    """Tool results: the function's name."""
+    tool_call_id: Optional[str] = None
+    """Tool results: the id of the call they answer."""
+
+    @property
+    def plain(self) -> bool:
+        """A system, user or assistant text with no tool call and no reasoning: what every template renders."""
+        return self.role != "tool" and not self.tool_calls and self.reasoning is None
+
+    def to_dict(self) -> dict:
+        """As a JSON-able record (the fields that hold something)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                c._asdict() if c.id else {"name": c.name, "arguments": c.arguments} for c in self.tool_calls
+            ]
+        for key in ("reasoning", "name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Message:
+        calls = tuple(ToolCall(c["name"], c["arguments"], c.get("id")) for c in d.get("tool_calls") or ())
+        return cls(d["role"], d["content"], calls, d.get("reasoning"), d.get("name"), d.get("tool_call_id"))
+
+    def chat_template_dict(self) -> dict:
+        """As the chat templates of transformers take it: OpenAI's shape (tool calls under `function`,
+        arguments as an object, reasoning as `reasoning_content`). Keys are set only when they hold
+        something: Llama-3.1's template tests `'tool_calls' in message`."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                    **({"id": c.id} if c.id else {}),
+                }
+                for c in self.tool_calls
+            ]
+        if self.reasoning is not None:
+            out["reasoning_content"] = self.reasoning
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class Rendered(NamedTuple):
@@ -84,8 +151,8 @@ class Template:
     strip_after_fold: bool = False
     """Strip the first user message after the system prompt is folded in (Llama-2), not before."""
     final_assistant_prefix: str = ""
-    """Unsupervised text before the last assistant reply and after a generation prompt (Qwen3's
-    empty think block); earlier replies in the history do not get it."""
+    """Text before the last assistant reply (Qwen3's empty think block), which earlier replies in the
+    history do not get; supervised unless empty_think is 'prompt', and appended to a generation prompt."""
     special_tokens: tuple[str, ...] = ()
     """Markup that must be one token in the tokenizer; a template is refused where it is not."""
     source: str = ""
@@ -126,10 +193,44 @@ def conversation_messages(conversation: Sequence[dict], system: Optional[str] = 
     return messages
 
 
-def render(template, tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> Rendered:
-    """Render messages to text, recording the supervised spans (assistant replies + end-of-turn)."""
+def rich_refusal(template: Template, what: str) -> str:
+    return (
+        f"template {template.name!r} renders plain user/assistant text only, not {what}; use "
+        "template_name 'auto' (the model's own chat_template, which renders them as at inference, or a "
+        "Jinja file given as chat_template)"
+    )
+
+
+def rich_parts(messages: Sequence[Message], tools: Optional[list] = None) -> Optional[str]:
+    """What in a conversation only a Jinja chat template can render, or None when it is plain."""
+    if tools:
+        return "tool definitions"
+    for m in messages:
+        if m.role == "tool":
+            return "tool results"
+        if m.tool_calls:
+            return "tool calls"
+        if m.reasoning is not None:
+            return "reasoning text"
+    return None
+
+
+def render(
+    template,
+    tokenizer,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = False,
+    tools: Optional[list] = None,
+    empty_think: str = "supervised",
+) -> Rendered:
+    """Render messages to text, recording the supervised spans: everything after the official
+    generation prompt of each assistant turn, through its end-of-turn token. `tools` are the
+    function definitions (only a Jinja chat template renders them); `empty_think` see EMPTY_THINK_MODES."""
     if not isinstance(template, Template):  # the tokenizer's own template renders itself
-        return template.render(tokenizer, messages, add_generation_prompt)
+        return template.render(tokenizer, messages, add_generation_prompt, tools=tools, empty_think=empty_think)
+    rich = rich_parts(messages, tools)
+    if rich:
+        raise TemplateError(rich_refusal(template, rich))
     system, turns = _split_system(template, messages)
     if add_generation_prompt and turns and turns[-1].role == "assistant":
         raise TemplateError("add_generation_prompt needs the conversation to end with a user message")
@@ -147,11 +248,14 @@ def render(template, tokenizer, messages: Sequence[Message], add_generation_prom
         else:
             if template.final_assistant_prefix:
                 _check_reply(template, message.content)
+            start = pos
             if i == last_assistant and template.final_assistant_prefix:
                 parts.append(template.final_assistant_prefix)
                 pos += len(template.final_assistant_prefix)
+                if empty_think == "prompt":  # the block joins the prompt, as enable_thinking=False puts it
+                    start = pos
             text = _fill(template.assistant_format, tokenizer, _clean(template, message.content))
-            spans.append((pos, pos + len(text)))
+            spans.append((start, pos + len(text)))
             text += _fill(template.separator, tokenizer)
         parts.append(text)
         pos += len(text)
@@ -223,8 +327,10 @@ def encode(tokenizer, rendered: Rendered) -> Encoded:
     return Encoded(ids, labels)
 
 
-def encode_messages(template, tokenizer, messages: Sequence[Message]) -> Encoded:
-    return encode(tokenizer, render(template, tokenizer, messages))
+def encode_messages(
+    template, tokenizer, messages: Sequence[Message], tools: Optional[list] = None, empty_think: str = "supervised"
+) -> Encoded:
+    return encode(tokenizer, render(template, tokenizer, messages, tools=tools, empty_think=empty_think))
 
 
 def generation_prompt(template, tokenizer, messages: Sequence[Message]) -> str:

@@ -9,11 +9,14 @@ tokenizer (missing special tokens are refused, not added).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
-from component.data.template import AUTO_TEMPLATE, Message, Rendered, Template, TemplateError
+from component.config.checks import choice_problems
+from component.data.template import AUTO_TEMPLATE, EMPTY_THINK_MODES, MARK, Message, Rendered, Template, TemplateError
 from component.data.template_registry import TEMPLATES, get_template, suggest_template
 from component.errors import ConfigError
 
@@ -29,11 +32,14 @@ PROBE = [
 class AutoTemplate:
     """The tokenizer's own chat_template, with supervised spans found from conversation prefixes.
 
-    For each assistant message k: the rendering of messages[:k] with a generation prompt must be
-    a prefix of the rendering of messages[:k+1], which must be a prefix of the whole rendering.
-    The reply's span runs from the end of the former through the end-of-turn token (found once,
-    when the template is resolved); text after that token (a newline) is not supervised. The
-    `{% generation %}` tag is not used: most official templates lack it.
+    The rule is the official template's own boundaries: for assistant message k, everything after
+    the rendering of messages[:k] with the generation prompt (which must be a prefix of the whole
+    rendering) through the next end-of-turn token (found once, when the template is resolved) is
+    supervised: the reply, a tool call's rendering and, by default, its reasoning text. Tool
+    results, system, user and developer text never are. Text after the end-of-turn token (a
+    newline) is not supervised. The `{% generation %}` tag is not used: most official templates
+    lack it. Templates that drop reasoning from earlier turns (Qwen3) are rendered whole, as they
+    render the conversation (`render`), or turn by turn as at inference (`render_turns`).
     """
 
     chat_template: str
@@ -44,36 +50,165 @@ class AutoTemplate:
     def stop_text(self, tokenizer) -> str:
         return self.stop_word
 
-    def render(self, tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False) -> Rendered:
-        msgs = [{"role": m.role, "content": m.content} for m in messages]
-        full = self._apply(tokenizer, msgs, add_generation_prompt)
-        spans = []
-        for k, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prompt = self._apply(tokenizer, msgs[:k], True)
-            upto = self._apply(tokenizer, msgs[: k + 1], False)
-            if not upto.startswith(prompt) or not full.startswith(upto):
-                raise self._unmaskable(f"the rendering up to message {k} is not a prefix of the longer rendering")
-            end = upto.rfind(self.stop_word, len(prompt))
-            if end < 0:
-                raise self._unmaskable(f"reply {k} is not followed by the end-of-turn token {self.stop_word!r}")
-            spans.append((len(prompt), end + len(self.stop_word)))
-        return Rendered(full, spans)
+    def render(
+        self,
+        tokenizer,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = False,
+        tools: Optional[list] = None,
+        empty_think: str = "supervised",
+    ) -> Rendered:
+        msgs = [m.chat_template_dict() for m in messages]
+        full = self._apply(tokenizer, msgs, add_generation_prompt, tools)
+        spans = [self._span(tokenizer, msgs, k, full, tools, empty_think) for k in _assistant_turns(messages)]
+        if spans and not add_generation_prompt and messages[-1].role == "assistant" and full[spans[-1][1] :].strip():
+            raise self._unmaskable("the rendering goes on after the last reply's end-of-turn token")
+        rendered = Rendered(full, spans)
+        self._check_nothing_lost(tokenizer, messages, msgs, rendered, tools)
+        return rendered
 
-    def _apply(self, tokenizer, msgs: list[dict], add_generation_prompt: bool) -> str:
+    def render_turns(
+        self, tokenizer, messages: Sequence[Message], tools: Optional[list] = None, empty_think: str = "supervised"
+    ) -> list[tuple[Rendered, int]]:
+        """The conversation as inference sees each reply, as (rendering, how many messages it
+        renders): the whole rendering, supervising the turns that it renders as their own
+        generation would (messages[:k+1] is a prefix of it) and the turns without reasoning, and
+        one rendering of messages[:k+1] for each other turn k (an earlier turn whose reasoning the
+        template drops from history), supervising that turn only."""
+        whole = self.render(tokenizer, messages, tools=tools, empty_think=empty_think)
+        msgs = [m.chat_template_dict() for m in messages]
+        kept, apart = [], []
+        for k, span in zip(_assistant_turns(messages), whole.spans, strict=True):
+            upto = self._apply(tokenizer, msgs[: k + 1], False, tools)
+            if whole.text.startswith(upto) or messages[k].reasoning is None:
+                kept.append(span)  # rendered as generated, or with nothing of its own dropped
+            else:
+                alone = self.render(tokenizer, messages[: k + 1], tools=tools, empty_think=empty_think)
+                apart.append((Rendered(alone.text, alone.spans[-1:]), k + 1))
+        return [(Rendered(whole.text, kept), len(messages)), *apart]
+
+    def _span(self, tokenizer, msgs: list[dict], k: int, full: str, tools, empty_think: str) -> tuple[int, int]:
+        # The history as the whole rendering shows it: as given, or (Qwen3, when a later user turn
+        # follows) with the reasoning of earlier turns dropped, as the template drops it there.
+        for history in _histories(msgs[:k]):
+            prompt = self._apply(tokenizer, history, True, tools)
+            if full.startswith(prompt):
+                break
+        else:
+            raise self._unmaskable(f"the generation prompt before message {k} is not a prefix of the whole rendering")
+        if empty_think == "prompt" and "reasoning_content" not in msgs[k]:
+            # The empty think block joins the prompt, as the enable_thinking=False generation prompt puts it.
+            quiet = self._apply(tokenizer, history, True, tools, enable_thinking=False)
+            if len(quiet) > len(prompt) and full.startswith(quiet):
+                prompt = quiet
+        # The turn ends at the last end-of-turn token of its own rendering (a reply may quote the
+        # token); where the whole rendering shows the turn otherwise (without its reasoning), at the
+        # first one after its reply text.
+        upto = self._apply(tokenizer, [*history, msgs[k]], False, tools)
+        if full.startswith(upto):
+            end = upto.rfind(self.stop_word, len(prompt))
+        else:
+            content = (msgs[k].get("content") or "").strip()
+            at = full.find(content, len(prompt)) if content else -1
+            end = full.find(self.stop_word, at + len(content) if at >= 0 else len(prompt))
+        if end < 0:
+            raise self._unmaskable(f"message {k} is not followed by the end-of-turn token {self.stop_word!r}")
+        return len(prompt), end + len(self.stop_word)
+
+    def _check_nothing_lost(self, tokenizer, messages: Sequence[Message], msgs: list[dict], rendered: Rendered, tools):
+        """A template that ignores a field drops data silently. Each one is tested by difference:
+        every tool definition and tool result, put in as a marker, shows up;
+        each call's name and argument names and each reply are inside its own turn; reasoning
+        changes the rendering of its own turn (as generated: history may drop it, as Qwen3's does)."""
+        text = rendered.text
+        if tools:  # each definition, renamed to a marker, shows up (calls keep their names)
+            marked_tools = [
+                {**t, "function": {**t["function"], "name": f"{MARK}tool {i}{MARK}"}} for i, t in enumerate(tools)
+            ]
+            shown = self._apply(tokenizer, msgs, False, marked_tools)
+            for i, tool in enumerate(tools):
+                if f"{MARK}tool {i}{MARK}" not in shown:
+                    raise self._cannot("tool definitions", f"the tool {_tool_name(tool)!r} does not appear")
+        results = [k for k, m in enumerate(messages) if m.role == "tool"]
+        if results:
+            marked = [{**d, "content": f"{MARK}result {k}{MARK}"} if k in results else d for k, d in enumerate(msgs)]
+            shown = self._apply(tokenizer, marked, False, tools)
+            for k in results:
+                if f"{MARK}result {k}{MARK}" not in shown:
+                    raise self._cannot("tool results", f"the result in message {k} does not appear")
+        turns = iter(rendered.spans)
+        for k, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            start, end = next(turns)
+            turn = text[start:end]
+            if m.content.strip() and not _appears(m.content, turn):
+                raise self._cannot("this assistant turn", f"the reply text of message {k} does not appear in it")
+            for call in m.tool_calls:
+                if call.name not in turn or any(key not in turn for key in call.arguments):
+                    raise self._cannot("tool calls", f"the call to {call.name!r} in message {k} does not appear")
+            if m.reasoning is not None:
+                without = {key: v for key, v in msgs[k].items() if key != "reasoning_content"}
+                if self._apply(tokenizer, [*msgs[:k], msgs[k]], False, tools) == self._apply(
+                    tokenizer, [*msgs[:k], without], False, tools
+                ):
+                    raise self._cannot("reasoning text", f"the reasoning of message {k} changes nothing")
+
+    def _apply(self, tokenizer, msgs: list[dict], add_generation_prompt: bool, tools=None, **kwargs) -> str:
         try:
             return tokenizer.apply_chat_template(
-                msgs, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+                msgs,
+                tools=tools or None,
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
             )
         except Exception as exc:  # jinja raise_exception and template errors all land here
             raise TemplateError(f"the tokenizer's chat_template rejected the conversation: {exc}") from exc
+
+    def _cannot(self, what: str, why: str) -> TemplateError:
+        return TemplateError(
+            f"template_name 'auto': the chat_template does not render {what} ({why}), so it would be lost; "
+            "use a model whose chat_template renders it, give one as chat_template (a Jinja file), or remove it"
+        )
 
     def _unmaskable(self, why: str) -> TemplateError:
         return TemplateError(
             f"template_name 'auto': the tokenizer's chat_template cannot be masked by prefixes ({why}); "
             f"set template_name to a named template ({', '.join(sorted(TEMPLATES))})"
         )
+
+
+def _histories(msgs: list[dict]) -> list[list[dict]]:
+    """The history before a turn as given, and without the reasoning of its assistant turns."""
+    stripped = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in msgs]
+    return [msgs, stripped] if stripped != msgs else [msgs]
+
+
+def _assistant_turns(messages: Sequence[Message]) -> list[int]:
+    return [k for k, m in enumerate(messages) if m.role == "assistant"]
+
+
+def _tool_name(tool: Any) -> Optional[str]:
+    if isinstance(tool, dict):
+        function = tool.get("function", tool)
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return function["name"]
+    return None
+
+
+def _appears(content: str, text: str) -> bool:
+    """The text is in the rendering, as written, trimmed, or as a JSON string (Llama-3.1's `tojson`)."""
+    stripped = content.strip()
+    return stripped in text or json.dumps(content, ensure_ascii=False) in text
+
+
+def use_chat_template_file(tokenizer, path: Optional[str]) -> None:
+    """The config's `chat_template` file replaces the tokenizer's own (it is saved with the
+    tokenizer, so inference renders as training did)."""
+    if path:
+        tokenizer.chat_template = Path(path).read_text(encoding="utf-8")
 
 
 def auto_template(tokenizer, where: str = "the tokenizer") -> AutoTemplate:
@@ -85,7 +220,7 @@ def auto_template(tokenizer, where: str = "the tokenizer") -> AutoTemplate:
             f"{', '.join(sorted(TEMPLATES))}"
         )
     probe = AutoTemplate(chat_template, stop_word="")
-    msgs = [{"role": m.role, "content": m.content} for m in PROBE[:2]]
+    msgs = [m.chat_template_dict() for m in PROBE[:2]]
     prompt = probe._apply(tokenizer, msgs[:1], True)
     upto = probe._apply(tokenizer, msgs, False)
     if not upto.startswith(prompt):
@@ -210,3 +345,19 @@ def check_template_name(values: dict[str, Any]) -> list[str]:
         hint = suggest_template(name)
         return [f"key 'template_name': unknown template {name!r}{f' (did you mean {hint!r}?)' if hint else ''}"]
     return []
+
+
+def check_template_keys(values: dict[str, Any]) -> list[str]:
+    """Config check of the keys that decide how conversations render (SFT and DPO): chat_template
+    (a file, used by template_name 'auto') and empty_think_block."""
+    problems = choice_problems("empty_think_block", values.get("empty_think_block", "supervised"), EMPTY_THINK_MODES)
+    chat_template = values.get("chat_template")
+    if chat_template is not None:
+        if not isinstance(chat_template, str) or not Path(chat_template).is_file():
+            problems.append(f"key 'chat_template': {chat_template!r} is not a file; give a Jinja chat template file")
+        if values.get("template_name") not in (None, AUTO_TEMPLATE):
+            problems.append(
+                f"keys 'chat_template' and 'template_name' ({values['template_name']!r}) are both set: a chat "
+                "template file is used by template_name 'auto'; drop one"
+            )
+    return problems

@@ -5,12 +5,16 @@ and their end-of-turn tokens), tokenized, masked and truncated by the very
 functions training uses (component/data/sft.py), with the run's saved
 template. Perplexity is exp(loss).
 
-Replies (`generate_to`): each conversation's last user message is answered and
+The file may be in any SFT format (component/data/formats.py, detected per
+file), tool calls and reasoning included where the template renders them.
+
+Replies (`generate_to`): each conversation's last reply is generated again and
 one JSON line per conversation is written: the prompt messages, the reply, and
-the reference reply when the file has one. A line whose last turn has no
-"assistant" key is a prompt only: it is answered but has no loss. GAIR's LIMA
-format is read too (component/data/lima.py), so LIMA's test prompts work as
-they are.
+the reference reply when the file has one. A line that ends with a prompt (a
+conversation turn with no "assistant", a last user or tool message, an Alpaca
+record with no "output", a prompt with no "completion") is answered but has no
+loss. GAIR's LIMA format is read too (component/data/lima.py), so LIMA's test
+prompts work as they are.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from loguru import logger
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from component.config import AUTO_DATA_FORMAT
 from component.data.collator import PaddingCollator
+from component.data.formats import FileFormat
 from component.data.jsonl import raise_problems, read_jsonl
 from component.data.lima import GAIR_KEY, from_gair
-from component.data.sft import check_conversation, tokenize_conversation
-from component.data.template import IGNORE_INDEX, Message, conversation_messages, generation_prompt, stop_token_ids
+from component.data.sft import as_record, template_problem, tokenized_example
+from component.data.template import IGNORE_INDEX, Message, encode, render, stop_token_ids
 from component.errors import DataError, UserError
 from component.inference.generation import LoadedModel, ModelSource
 from component.model.model_types import model_type_info
@@ -50,34 +56,66 @@ PROMPT_ONLY_PLACEHOLDER = "-"  # stands in for a missing last reply while a line
 
 @dataclass
 class EvalRecord:
-    """One conversation; `has_reply` is False when its last turn is a prompt to answer."""
+    """One conversation, the system prompt first; `has_reply` is False when it ends with a prompt to answer."""
 
-    conversation: list[dict]
-    system: Optional[str]
+    messages: list[Message]
+    tools: Optional[list]
     has_reply: bool
 
 
-def check_eval_line(obj: Any) -> Union[EvalRecord, str]:
-    """Our SFT format, where the last turn may omit "assistant" (a prompt only), or GAIR's."""
-    if isinstance(obj, dict) and GAIR_KEY in obj and "conversation" not in obj:
-        obj = from_gair(obj)
-        if isinstance(obj, str):
-            return obj
-    conv = obj.get("conversation") if isinstance(obj, dict) else None
-    prompt_only = isinstance(conv, list) and conv and isinstance(conv[-1], dict) and "assistant" not in conv[-1]
-    if prompt_only:
-        obj = {**obj, "conversation": [*conv[:-1], {**conv[-1], "assistant": PROMPT_ONLY_PLACEHOLDER}]}
-    checked = check_conversation(obj)
-    if isinstance(checked, str):
-        return checked
-    turns = list(checked["conversation"])
-    if prompt_only:
-        turns[-1] = {"human": turns[-1]["human"]}
-    return EvalRecord(turns, checked["system"], not prompt_only)
+# Per format: how a record says "no reply yet" (a prompt to answer), and the placeholder reply that
+# lets the converter check the rest of it.
+def _prompt_only(obj: dict) -> Optional[dict]:
+    """The record with a placeholder reply where it ends with a prompt, else None."""
+    placeholder = PROMPT_ONLY_PLACEHOLDER
+    conv, msgs, turns = obj.get("conversation"), obj.get("messages"), obj.get("conversations")
+    if isinstance(conv, list) and conv and isinstance(conv[-1], dict) and "assistant" not in conv[-1]:
+        return {**obj, "conversation": [*conv[:-1], {**conv[-1], "assistant": placeholder}]}
+    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") in ("user", "tool"):
+        return {**obj, "messages": [*msgs, {"role": "assistant", "content": placeholder}]}
+    if (
+        isinstance(turns, list)
+        and turns
+        and isinstance(turns[-1], dict)
+        and turns[-1].get("from") in ("human", "observation")
+    ):
+        return {**obj, "conversations": [*turns, {"from": "gpt", "value": placeholder}]}
+    if "instruction" in obj and "output" not in obj:
+        return {**obj, "output": placeholder}
+    if "prompt" in obj and "completion" not in obj:
+        return {**obj, "completion": placeholder}
+    return None
 
 
-def read_eval_file(path: str) -> list[EvalRecord]:
-    result = read_jsonl(path, check_eval_line)
+def eval_line_checker(data_format: str = AUTO_DATA_FORMAT, template=None, tokenizer=None):
+    """Checks one line of an eval file: any SFT format (detected per file), where the last turn may
+    be a prompt with no reply, or GAIR's format. With the template and tokenizer, a line with tool
+    calls or reasoning is rendered too, so that a template that cannot names the line."""
+    file_format = FileFormat(data_format)
+
+    def check(obj: Any) -> Union[EvalRecord, str]:
+        gair = isinstance(obj, dict) and isinstance(obj.get(GAIR_KEY), list) and "conversation" not in obj
+        if gair and not any(isinstance(turn, dict) for turn in obj[GAIR_KEY]):  # ShareGPT turns are objects
+            obj = from_gair(obj)
+            if isinstance(obj, str):
+                return obj
+        filled = _prompt_only(obj) if isinstance(obj, dict) else None
+        converted = file_format.check(filled or obj)
+        if isinstance(converted, str):
+            return converted
+        problem = template_problem(as_record(converted), template, tokenizer) if template else None
+        if problem:
+            return problem
+        messages = converted.all_messages()
+        if filled is not None:
+            messages = messages[:-1]
+        return EvalRecord(messages, converted.tools, filled is None)
+
+    return check
+
+
+def read_eval_file(path: str, template=None, tokenizer=None) -> list[EvalRecord]:
+    result = read_jsonl(path, eval_line_checker(AUTO_DATA_FORMAT, template, tokenizer))
     raise_problems(path, result.problems)
     if not result.records:
         raise DataError(f"{path}: no conversations")
@@ -102,9 +140,8 @@ def tokenize_for_loss(records: Sequence[EvalRecord], loaded: LoadedModel, max_le
     examples, truncated = [], 0
     for r in records:
         if r.has_reply:
-            row = tokenize_conversation(
-                {"conversation": r.conversation, "system": r.system}, loaded.template, loaded.tokenizer, max_len
-            )
+            rendered = render(loaded.template, loaded.tokenizer, r.messages, tools=r.tools)
+            row = tokenized_example(encode(loaded.tokenizer, rendered), max_len)
             truncated += row["truncated"]
             examples.append(row)
     return examples, truncated
@@ -154,10 +191,8 @@ def evaluate_loss(records: Sequence[EvalRecord], loaded: LoadedModel, max_len: i
 
 
 def prompt_messages(record: EvalRecord) -> list[Message]:
-    """The conversation up to its last user message."""
-    turns = record.conversation
-    messages = conversation_messages(turns[:-1], record.system)
-    return [*messages, Message("user", turns[-1]["human"])]
+    """The conversation up to its last reply (or all of it, when it ends with a prompt)."""
+    return record.messages[:-1] if record.has_reply else record.messages
 
 
 def cut_reply(tokenizer, ids: list[int], stop_ids: set[int], stop_text: str) -> str:
@@ -170,7 +205,7 @@ def cut_reply(tokenizer, ids: list[int], stop_ids: set[int], stop_text: str) -> 
 
 
 def generate_replies(
-    prompts: Sequence[list[Message]],
+    prompts: Sequence[tuple[list[Message], Optional[list]]],
     loaded: LoadedModel,
     batch_size: int,
     max_new_tokens: int,
@@ -192,7 +227,7 @@ def generate_replies(
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0],
     )
     device = next(model.parameters()).device
-    texts = [generation_prompt(loaded.template, tok, p) for p in prompts]
+    texts = [render(loaded.template, tok, p, add_generation_prompt=True, tools=tools).text for p, tools in prompts]
     for group in tqdm(list(batches(texts, batch_size)), desc="Generate", unit="batch"):
         enc = tok(list(group), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
         with torch.inference_mode():
@@ -210,10 +245,10 @@ def write_generations(path: str, records: Sequence[EvalRecord], replies: Iterato
             messages = prompt_messages(record)
             line = {
                 "index": i,
-                "messages": [{"role": m.role, "content": m.content} for m in messages],
+                "messages": [m.to_dict() for m in messages],
                 "prompt": messages[-1].content,
                 "reply": reply,
-                "reference": record.conversation[-1].get("assistant"),
+                "reference": record.messages[-1].content if record.has_reply else None,
             }
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             f.flush()  # a long run can be watched, and an interrupted one keeps its lines
@@ -273,6 +308,8 @@ def evaluate(source: ModelSource, settings: EvalSettings) -> dict[str, Any]:
     check_settings(settings)
     records = read_eval_file(settings.eval_file)
     loaded = source.load()
+    if any(r.tools or not all(m.plain for m in r.messages) for r in records):  # tools, reasoning: can it render them?
+        records = read_eval_file(settings.eval_file, loaded.template, loaded.tokenizer)
     max_len = run_max_seq_length(source, settings.max_seq_length)
     logger.info(
         f"{loaded.name}: template {loaded.template.name}, max_seq_length {max_len}, "
@@ -283,7 +320,7 @@ def evaluate(source: ModelSource, settings: EvalSettings) -> dict[str, Any]:
     if metrics["loss"] is None:
         logger.warning("no conversation with a supervised reply: no loss to report")
     if settings.generate_to:
-        prompts = [prompt_messages(r) for r in records]
+        prompts = [(prompt_messages(r), r.tools) for r in records]
         replies = generate_replies(
             prompts, loaded, settings.batch_size, settings.max_new_tokens, settings.temperature, settings.top_p
         )

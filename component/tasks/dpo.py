@@ -19,9 +19,10 @@ from typing import Any
 from transformers import TrainingArguments
 
 from component.config import Config
-from component.data.preference import build_preference_dataset
+from component.data.cache import cache_root, cached
+from component.data.preference import DPOSummary, PreferenceData, build_preference_dataset
 from component.data.splits import TaskData, build_splits
-from component.data.tokenizer_template import resolve_template
+from component.data.tokenizer_template import check_template_keys, resolve_template, use_chat_template_file
 from component.tasks.task import Task
 from component.training.setup import training_arguments
 from component.training.trainer import RunHooks
@@ -50,6 +51,7 @@ DPO_LOSS_TYPES = (
 
 
 def build_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
+    use_chat_template_file(tokenizer, config.data.chat_template)
     template = resolve_template(config.data.template_name, tokenizer)  # as SFT: named, or the tokenizer's own
     build_args = dict(
         template=template,
@@ -57,8 +59,11 @@ def build_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
         max_len=config.data.max_seq_length,
         max_prompt_len=config.data.max_prompt_length,
         skip_invalid=config.data.skip_invalid_examples,
+        empty_think=config.data.empty_think_block,
     )
-    train, eval_ds = build_splits(config, build_preference_dataset, **build_args)
+    build = cached(build_preference_dataset, cache_root(config), "dpo", PreferenceData, lambda d: DPOSummary(**d))
+    with args.main_process_first(desc="dpo data"):  # under torchrun the first rank builds the cache
+        train, eval_ds = build_splits(config, build, **build_args)
     return TaskData(train.dataset, eval_ds, None, train.summary, train.problems)
 
 
@@ -165,7 +170,7 @@ def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callba
 
 
 def check_dpo_values(values: dict[str, Any]) -> list[str]:
-    problems = []
+    problems = check_template_keys(values)
     if values.get("dpo_beta", 0.1) <= 0:
         problems.append(f"key 'dpo_beta': must be positive, got {values['dpo_beta']}")
     smoothing = values.get("dpo_label_smoothing", 0.0)

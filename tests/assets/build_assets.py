@@ -59,7 +59,7 @@ def corpus(tok, template_name: str) -> list[str]:
     texts = []
     template = get_template(template_name)
     for msgs in cases().values():
-        dicts = [m._asdict() for m in msgs]
+        dicts = [m.chat_template_dict() for m in msgs]
         for k in range(1, len(msgs) + 1):
             for gen in (False, True):
                 if getattr(tok, "chat_template", None):
