@@ -15,11 +15,12 @@ from loguru import logger
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from component.config import Config, save_config
+from component.config.arguments import FULL_WEIGHT_MODES
 from component.config.checks import check_data_paths
 from component.data.sft import save_problems, save_summary
 from component.data.splits import TaskData
 from component.logs import log_to_file
-from component.model.loading import load_model, load_tokenizer
+from component.model.loading import load_model, load_tokenizer, save_converted_adapter
 from component.model.quantization import apply_optimizer_fallback
 from component.ranks import is_main_process
 from component.tasks.registry import task_for
@@ -57,7 +58,7 @@ def run(config: Config, callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
         remove_checkpoints(config.output_dir)  # never resume into the replaced run later
     out = prepare_output_dir(config, args, data)
     apply_optimizer_fallback(args)  # after saving: train_args.json keeps the configured optim; logged
-    model = load_model(config)
+    model = load_model(config, tokenizer)
     trainer = task.build_trainer(config, args, model, tokenizer, data, callbacks)
     # report.json also on an error or a signal; the previous signal handlers come back however it ends.
     with report_on_exit(trainer.run_report), handlers_restored(trainer.interrupt):
@@ -65,7 +66,8 @@ def run(config: Config, callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
         raise_if_interrupted(trainer, config)  # a signal: checkpoint saved; say how to resume, exit non-zero
     trainer.save_model(out)
     if is_main_process():
+        save_converted_adapter(trainer.model, config, out)  # PiSSA/OLoRA: for the original base
         tokenizer.save_pretrained(out)
         write_meta(config, out, finished=True)
-        logger.info(f"saved {'adapter' if config.method.train_mode != 'full' else 'model'} to {out}")
+        logger.info(f"saved {'model' if config.method.train_mode in FULL_WEIGHT_MODES else 'adapter'} to {out}")
     return trainer

@@ -157,3 +157,21 @@ def test_existing_output_is_refused_without_force(adapters, tmp_path):
 
 def test_output_may_not_be_the_adapter(adapters):
     assert _merge("--adapter_dir", adapters["lora"], "--output_dir", adapters["lora"], "--force") == 2
+
+
+@pytest.mark.parametrize("variant", [{"lora_variant": "dora"}, {"lora_init": "pissa"}], ids=["dora", "pissa"])
+def test_merge_script_on_dora_and_converted_pissa_adapters(tmp_path, tiny_llama_dir, variant):
+    """merge_lora.py merges DoRA (magnitudes folded in) and a PiSSA adapter (converted for the
+    original base) into weights that give base + adapter's logits."""
+    from peft import PeftModel
+
+    adapter = _train(tmp_path, tiny_llama_dir, "lora", lora_dropout=0.0, **variant)
+    out = tmp_path / "merged"
+    assert _merge("--adapter_dir", adapter, "--output_dir", out, "--dtype", "fp32") == 0
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    ids = probe_ids(load_for_inference(str(out)).tokenizer, "chatml")
+    base_logits = _logits(base, ids)
+    reference = _logits(PeftModel.from_pretrained(base, adapter), ids)
+    assert _rel(reference, base_logits) > 1e-3
+    assert _rel(_logits(merged, ids), reference) < LORA_MERGE_TOLERANCE

@@ -23,6 +23,13 @@ SOURCE_KEY = "config_file"
 SECRET_KEYS = ("hub_token", "push_to_hub_token")
 AUTO_DATA_FORMAT = "auto"
 # SFT data formats (component/data/formats.py holds each one's converter); auto: detected per file.
+# Modes that train (and save) the model's own weights rather than an adapter.
+FULL_WEIGHT_MODES = ("full", "freeze")
+# LoRA variants and initialisations (component/model/loading.py maps them to peft's LoraConfig).
+LORA_VARIANTS = ("lora", "dora", "rslora")
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that rewrite the base weights: not possible on a 4-bit base, and converted when saved.
+BASE_REWRITING_INITS = ("pissa", "olora")
 DATA_FORMATS = (AUTO_DATA_FORMAT, "conversation", "messages", "sharegpt", "alpaca", "prompt_completion")
 # How a `datasets` list becomes one training set (component/data/mixing.py).
 MIX_STRATEGIES = ("concatenate", "interleave")
@@ -68,6 +75,14 @@ class ModelArguments:
     )
     attn_implementation: Optional[str] = field(
         default=None, metadata={"help": "Attention backend (sdpa, eager, flash_attention_2); None: our choice."}
+    )
+    add_special_tokens: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Tokens to add to the tokenizer as special (one id each). The embedding grows to a multiple "
+            "of 64, new rows start at the mean of the old ones; under LoRA only the new rows (and an untied "
+            "head's) train. The tokenizer is saved with the run."
+        },
     )
     allow_pickle_weights: bool = field(
         default=False,
@@ -182,13 +197,48 @@ class MethodArguments:
     """What kind of training: task, mode and the LoRA adapter's shape."""
 
     task_type: str = field(default="sft", metadata={"help": "One of: sft, pretrain, dpo."})
-    train_mode: str = field(default="lora", metadata={"help": "One of: full, lora, qlora."})
+    train_mode: str = field(
+        default="lora",
+        metadata={"help": "One of: full, lora, qlora, freeze (the base's own last layers or named modules train)."},
+    )
+    freeze_trainable_layers: int = field(
+        default=2, metadata={"help": "train_mode freeze: how many of the last decoder layers train."}
+    )
+    freeze_trainable_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "train_mode freeze: also train the parameters whose names contain one of these (e.g. "
+            "lm_head, norm); with freeze_trainable_layers 0, only these."
+        },
+    )
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
     lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: Optional[list[str]] = field(
         default=None,
         metadata={"help": "Module names to adapt; default: every linear layer but the output head."},
+    )
+    lora_variant: str = field(
+        default="lora",
+        metadata={
+            "help": "lora; dora (weight-decomposed: a magnitude vector per output, slower steps); rslora "
+            "(the update scaled by alpha/sqrt(r), steadier at high rank)."
+        },
+    )
+    lora_init: str = field(
+        default="default",
+        metadata={
+            "help": "default (B = 0: the model starts as the base); gaussian; pissa or olora (the adapter "
+            "starts from the base weights' principal directions, SVD or QR, and the base keeps the rest; "
+            "the saved adapter is converted to apply to the original base). Not with qlora."
+        },
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens)."},
+    )
+    lora_layers_to_transform: Optional[list[int]] = field(
+        default=None, metadata={"help": "Adapt only these decoder layers (0-based); default: every layer."}
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into an output_dir that holds a finished run."}

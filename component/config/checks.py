@@ -21,8 +21,12 @@ from typing import Any
 
 from component.config.arguments import (
     AUTO_DATA_FORMAT,
+    BASE_REWRITING_INITS,
     DATA_FORMATS,
     DATASET_ENTRY_KEYS,
+    FULL_WEIGHT_MODES,
+    LORA_INITS,
+    LORA_VARIANTS,
     MIX_STRATEGIES,
     SECRET_KEYS,
     TRAINING_DEFAULTS,
@@ -33,7 +37,7 @@ from component.config.parse import suggest
 from component.errors import ConfigError, format_problems
 
 Check = Callable[[dict[str, Any]], list[str]]
-TRAIN_MODES = ("full", "lora", "qlora")
+TRAIN_MODES = ("full", "lora", "qlora", "freeze")
 MAX_SEED = 2**32 - 1  # numpy's seed range
 REQUIRED_KEYS = ("output_dir", "model_name_or_path")
 # The data: one file (or folder), or a list of datasets (one of the two).
@@ -60,9 +64,38 @@ def check_precision(values: dict[str, Any]) -> list[str]:
     return []
 
 
+def check_freeze(values: dict[str, Any]) -> list[str]:
+    if values.get("train_mode") != "freeze":
+        return []
+    layers, modules = values.get("freeze_trainable_layers", 2), values.get("freeze_trainable_modules")
+    problems = []
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+        problems.append(f"key 'freeze_trainable_layers': expected a number of layers >= 0, got {layers!r}")
+    elif layers == 0 and not modules:
+        problems.append(
+            "keys 'freeze_trainable_layers' (0) and 'freeze_trainable_modules' (none): nothing would train; "
+            "give a number of last layers or module names"
+        )
+    return problems
+
+
+def check_neftune(values: dict[str, Any]) -> list[str]:
+    alpha = values.get("neftune_noise_alpha")
+    if alpha is None:
+        return []
+    if not _is_number(alpha) or alpha <= 0:
+        return [f"key 'neftune_noise_alpha': must be a positive number (5 is usual), got {alpha!r}"]
+    if values.get("task_type", "sft") not in ("sft", "pretrain"):
+        return [
+            f"key 'neftune_noise_alpha': NEFTune applies to task_type sft and pretrain, not "
+            f"{values['task_type']!r}; remove it"
+        ]
+    return []
+
+
 def check_lora(values: dict[str, Any]) -> list[str]:
     problems = []
-    if values.get("train_mode", "lora") == "full":
+    if values.get("train_mode", "lora") in FULL_WEIGHT_MODES:
         return problems
     for key in ("lora_rank", "lora_alpha"):
         if key in values and values[key] <= 0:
@@ -70,6 +103,23 @@ def check_lora(values: dict[str, Any]) -> list[str]:
     dropout = values.get("lora_dropout", 0.0)
     if not 0.0 <= dropout < 1.0:
         problems.append(f"key 'lora_dropout': must be in [0, 1), got {dropout}")
+    problems += choice_problems("lora_variant", values.get("lora_variant", "lora"), LORA_VARIANTS)
+    init = values.get("lora_init", "default")
+    problems += choice_problems("lora_init", init, LORA_INITS)
+    if init in BASE_REWRITING_INITS and values.get("train_mode") == "qlora":
+        problems.append(
+            f"key 'lora_init': {init!r} rewrites the base weights from their SVD/QR (base = W - BA), which a "
+            "4-bit base cannot hold; use train_mode 'lora', or lora_init 'default' with qlora"
+        )
+    layers = values.get("lora_layers_to_transform")
+    if layers is not None and not (
+        isinstance(layers, list)
+        and layers
+        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+    ):
+        problems.append(
+            f"key 'lora_layers_to_transform': expected a non-empty list of layer numbers (0-based), got {layers!r}"
+        )
     if values.get("train_mode") == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("key 'train_mode': 'qlora' needs bitsandbytes; pip install bitsandbytes, or use 'lora'")
     if values.get("train_mode") == "qlora" and str(values.get("model_name_or_path", "")).endswith(".gguf"):
@@ -416,6 +466,8 @@ def check_data_paths(config: Config) -> None:
 BUILTIN_CHECKS: tuple[Check, ...] = (
     check_required,
     check_train_mode,
+    check_freeze,
+    check_neftune,
     check_precision,
     check_lora,
     check_lengths,

@@ -179,6 +179,9 @@ def load_for_inference(
     tokenizer = load_tokenizer_from(adapter_dir, model_dir)
     template = resolve_template(template_name, tokenizer, adapter_dir, model_dir)
     model = load_base(model_dir, parse_dtype(dtype), load_in_4bit)
+    from component.model.loading import fit_embeddings
+
+    fit_embeddings(model, tokenizer)  # tokens the run added (add_special_tokens): the run's tokenizer has them
     if adapter_dir is not None:
         from peft import PeftModel
 

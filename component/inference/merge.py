@@ -115,7 +115,12 @@ def _cpu_base(base_model: str) -> PreTrainedModel:
 
 def _with_adapter(model: PreTrainedModel, adapter_dir: str):
     from peft import PeftModel
+    from transformers import AutoTokenizer
 
+    from component.model.loading import fit_embeddings
+
+    if (Path(adapter_dir) / "tokenizer_config.json").is_file():  # tokens the run added: grow the base to them
+        fit_embeddings(model, AutoTokenizer.from_pretrained(adapter_dir))
     return PeftModel.from_pretrained(model, adapter_dir)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -24,9 +26,11 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from component.config import Config, ModelArguments, suggest
+from component.config.arguments import BASE_REWRITING_INITS, FULL_WEIGHT_MODES
 from component.errors import ConfigError, format_problems
 from component.model.attention import SEGMENT_SDPA, attention_for, padding_free_enabled, register_attention
 from component.model.model_types import ALL_LINEAR, lora_target_problems, model_type_info
+from component.ranks import is_main_process
 
 GGUF_SUFFIX = ".gguf"
 
@@ -39,6 +43,11 @@ class ModelLocation(NamedTuple):
 
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+# lora_init -> peft's init_lora_weights
+LORA_INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+INITIAL_ADAPTER_DIR = "adapter_init"
 
 
 def checkpointing_on(config: Config) -> bool:
@@ -71,7 +80,36 @@ def load_tokenizer(args: ModelArguments):
         # Padding positions are masked by position (labels = IGNORE_INDEX), so
         # reusing EOS as the pad token never hides a supervised EOS.
         tokenizer.pad_token = tokenizer.eos_token
+    if args.add_special_tokens:
+        tokenizer.add_tokens(list(args.add_special_tokens), special_tokens=True)
     return tokenizer
+
+
+EMBEDDING_MULTIPLE = 64  # rows of a grown embedding: a multiple of 64 keeps matmuls aligned
+
+
+def fit_embeddings(model: PreTrainedModel, tokenizer) -> None:
+    """Grow the embedding (and an untied head) to the tokenizer, to a multiple of 64, the new rows at
+    the old rows' mean (transformers' mean_resizing); a model that already fits is left alone."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=EMBEDDING_MULTIPLE, mean_resizing=True)
+
+
+def added_token_ids(config: Config, tokenizer) -> list[int]:
+    return tokenizer.convert_tokens_to_ids(list(config.model.add_special_tokens or []))
+
+
+def trainable_token_indices(model: PreTrainedModel, ids: list[int]) -> Optional[dict[str, list[int]]]:
+    """peft's trainable_token_indices for the added tokens: the input embedding's rows, and an untied
+    output head's (a tied head follows the embedding)."""
+    if not ids:
+        return None
+    names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
+    out = {names[id(model.get_input_embeddings())]: list(ids)}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        out[names[id(head)]] = list(ids)
+    return out
 
 
 def torch_dtype(config: Config) -> torch.dtype:
@@ -112,7 +150,13 @@ def lora_targets(config: Config, model: PreTrainedModel):
     if config.method.lora_target_modules:
         return list(config.method.lora_target_modules)
     info = model_type_info(model.config.model_type)
-    return list(info.lora_targets) if info.lora_targets else ALL_LINEAR
+    if info.lora_targets:
+        return list(info.lora_targets)
+    if config.method.lora_layers_to_transform:  # peft takes layers only with named targets
+        return sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear)}
+        )
+    return ALL_LINEAR
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -179,7 +223,7 @@ def check_lora_target_values(values: dict) -> list[str]:
     """Config check, where the model's config is on disk: LoRA targets that would not train on the model's
     type, and targets that name no module of the model (built on the meta device, without weights)."""
     targets = values.get("lora_target_modules")
-    if values.get("train_mode", "lora") == "full" or not targets or values.get("trust_remote_code"):
+    if values.get("train_mode", "lora") in FULL_WEIGHT_MODES or not targets or values.get("trust_remote_code"):
         return []  # remote code: loading a config runs none of the model's code; apply_lora checks it loaded
     model_config = _cached_model_config(values)
     if model_config is None:
@@ -189,17 +233,24 @@ def check_lora_target_values(values: dict) -> list[str]:
     return problems + (unmatched_target_problems(empty, targets) if empty is not None else [])
 
 
-def apply_lora(model: PreTrainedModel, config: Config):
+def apply_lora(model: PreTrainedModel, config: Config, new_token_ids: Sequence[int] = ()):
     from peft import LoraConfig, get_peft_model
 
     check_lora_targets(model, config)
+    method = config.method
     lora = LoraConfig(
-        r=config.method.lora_rank,
-        lora_alpha=config.method.lora_alpha,
-        lora_dropout=config.method.lora_dropout,
+        r=method.lora_rank,
+        lora_alpha=method.lora_alpha,
+        lora_dropout=method.lora_dropout,
         target_modules=lora_targets(config, model),
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=method.lora_variant == "dora",
+        use_rslora=method.lora_variant == "rslora",
+        init_lora_weights=LORA_INIT_WEIGHTS[method.lora_init],
+        modules_to_save=method.modules_to_save,
+        layers_to_transform=method.lora_layers_to_transform,
+        trainable_token_indices=trainable_token_indices(model, list(new_token_ids)),
     )
     if checkpointing_on(config):
         # Checkpointed blocks need an input that requires grad, or the frozen
@@ -209,7 +260,36 @@ def apply_lora(model: PreTrainedModel, config: Config):
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"key 'lora_target_modules': {exc}") from None
+    if method.lora_init in BASE_REWRITING_INITS:
+        save_initial_adapter(model, config.output_dir)
     return model
+
+
+def save_initial_adapter(model, output_dir: str) -> None:
+    """PiSSA/OLoRA: keep the adapter as initialised, from which the trained one is converted at the
+    end to a plain LoRA adapter for the original base (peft's path_initial_model_for_weight_conversion).
+    Saved as a plain initialisation (init_lora_weights true), as peft requires; the live config keeps
+    pissa/olora, so a checkpoint loaded on the original base decomposes it again, as training did."""
+    if not is_main_process():
+        return
+    peft_config = model.peft_config["default"]
+    init = peft_config.init_lora_weights
+    peft_config.init_lora_weights = True
+    try:
+        model.save_pretrained(str(Path(output_dir) / INITIAL_ADAPTER_DIR))
+    finally:
+        peft_config.init_lora_weights = init
+
+
+def save_converted_adapter(model, config: Config, output_dir: str) -> None:
+    """PiSSA/OLoRA: the trained adapter rewritten as a plain LoRA adapter (rank doubled) that applies to
+    the original base, replacing the saved one; the initial adapter is then removed."""
+    if config.method.train_mode in FULL_WEIGHT_MODES or config.method.lora_init not in BASE_REWRITING_INITS:
+        return
+    initial = Path(output_dir) / INITIAL_ADAPTER_DIR
+    model.save_pretrained(output_dir, path_initial_model_for_weight_conversion=str(initial))
+    shutil.rmtree(initial, ignore_errors=True)
+    logger.info(f"{config.method.lora_init} adapter converted to a plain LoRA adapter for the original base")
 
 
 @functools.lru_cache(maxsize=8)
@@ -277,15 +357,40 @@ def describe_cpu_bf16(model: torch.nn.Module, quantized: bool = False) -> str:
     )
 
 
-def load_model(config: Config) -> PreTrainedModel:
+def freeze(model: PreTrainedModel, last_layers: int, modules: list[str]) -> None:
+    """Freeze-tuning: only the last `last_layers` decoder layers and the parameters whose names contain
+    one of `modules` train; a module name that matches nothing is refused."""
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if ".layers." in n})
+    if last_layers > len(layers):
+        raise ConfigError(
+            f"key 'freeze_trainable_layers': {last_layers}, but the model has {len(layers)} decoder layers"
+        )
+    trained = {f".layers.{i}." for i in layers[len(layers) - last_layers :]} if last_layers else set()
+    unmatched = [m for m in modules if not any(m in n for n, _ in model.named_parameters())]
+    if unmatched:
+        raise ConfigError(
+            f"key 'freeze_trainable_modules': {', '.join(map(repr, unmatched))} match no parameter; the model's "
+            f"top-level modules: {', '.join(sorted({n.split('.')[0] for n, _ in model.named_modules() if n}))}"
+        )
+    for name, param in model.named_parameters():
+        param.requires_grad = any(t in name for t in trained) or any(m in name for m in modules)
+
+
+def load_model(config: Config, tokenizer=None) -> PreTrainedModel:
+    """The model to train; with the tokenizer, its embedding grown to added tokens (add_special_tokens)."""
     if config.method.train_mode == "qlora":
         model = load_qlora_base(config, **attention_kwargs(config))
     else:
         model = load_base_model(config.model, torch_dtype(config), **attention_kwargs(config))
     model.config.use_cache = False
     warn_precision(model.config.model_type, torch_dtype(config))
+    new_ids = added_token_ids(config, tokenizer) if tokenizer is not None else []
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer)
     if config.method.train_mode in ("lora", "qlora"):
-        model = apply_lora(model, config)
+        model = apply_lora(model, config, new_ids)
+    if config.method.train_mode == "freeze":
+        freeze(model, config.method.freeze_trainable_layers, config.method.freeze_trainable_modules or [])
     if torch_dtype(config) == torch.bfloat16 and not torch.cuda.is_available():
         logger.info(describe_cpu_bf16(model, quantized=config.method.train_mode == "qlora"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

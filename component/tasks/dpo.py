@@ -19,6 +19,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from component.config import Config
+from component.config.arguments import FULL_WEIGHT_MODES
 from component.data.cache import cache_root, cached
 from component.data.preference import DPOSummary, PreferenceData, build_preference_dataset
 from component.data.splits import TaskData, build_splits
@@ -154,7 +155,7 @@ def telemetry_disabled() -> Iterator[None]:
 
 def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callbacks=()):
     ref_model = None
-    if config.method.train_mode == "full" and not args.precompute_ref_log_probs:
+    if config.method.train_mode in FULL_WEIGHT_MODES and not args.precompute_ref_log_probs:
         ref_model = frozen_copy(config, model)
     with telemetry_disabled():  # trl's constructor sends the ping
         return _trainer_class()(

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from component.config import DEFAULT_OPTIM
+from component.config.arguments import FULL_WEIGHT_MODES
 
 CPU_BACKEND = "gloo"
 GPU_BACKEND = "nccl"
@@ -205,7 +206,7 @@ def deepspeed_problems(values: dict[str, Any]) -> list[str]:
             )
     zero = ds.get("zero_optimization") or {}
     stage = zero.get("stage", 0)
-    if stage == 3 and values.get("train_mode") == "full" and zero.get(GATHER_ON_SAVE) is not True:
+    if stage == 3 and values.get("train_mode") in FULL_WEIGHT_MODES and zero.get(GATHER_ON_SAVE) is not True:
         problems.append(
             f'{where}: ZeRO-3 full fine-tuning needs "{GATHER_ON_SAVE}": true; without it the saved '
             "model holds no weights (only DeepSpeed's sharded checkpoint, for zero_to_fp32.py)"

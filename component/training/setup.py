@@ -26,6 +26,7 @@ from component.config import Config
 from component.config.arguments import training_fields
 from component.errors import ConfigError
 from component.training import distributed
+from component.training.neftune import NEFTUNE_KEY
 
 
 def fp16_problem(config: Config) -> Optional[str]:
@@ -43,6 +44,7 @@ def fp16_problem(config: Config) -> Optional[str]:
 def machine_kwargs(config: Config) -> dict[str, Any]:
     """The config's TrainingArguments values, adjusted for the launcher and the hardware."""
     kwargs = dict(config.training)
+    kwargs.pop(NEFTUNE_KEY, None)  # our per-example NEFTune (training/neftune.py), never transformers' hook
     if not torch.cuda.is_available():
         # bf16 on the CPU is only accepted by TrainingArguments with use_cpu.
         kwargs.setdefault("use_cpu", bool(kwargs.get("bf16")) or kwargs.get("use_cpu", False))

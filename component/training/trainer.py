@@ -17,6 +17,7 @@ upstream does (label popping, token averaging across devices).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 from loguru import logger
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -28,6 +29,7 @@ from component.data.splits import TaskData
 from component.training.checkpoints import CheckpointMarker
 from component.training.log_callback import LogCallback, ProgressBar
 from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts
+from component.training.neftune import NEFTUNE_KEY, PerExampleNEFTune
 from component.training.report import RunReportCallback
 from component.training.safety import InterruptCallback, NonFiniteGuard
 
@@ -73,8 +75,12 @@ class RunHooks:
 class FinetuneTrainer(RunHooks, Trainer):
     """transformers.Trainer with the run hooks and the lean loss."""
 
-    def __init__(self, *args, lean_loss: bool = True, **kwargs):
+    def __init__(self, *args, lean_loss: bool = True, neftune_alpha: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.neftune = PerExampleNEFTune(neftune_alpha) if neftune_alpha else None
+        if self.neftune is not None:
+            self.neftune.attach(self.model.get_input_embeddings())
+            logger.info(f"NEFTune: alpha {neftune_alpha}, noise scaled by each example's own length")
         # None where the model's type or config rules the lean loss out (component/training/loss.py).
         # ZeRO-3 partitions the head's weight and gathers it only inside the model's own forward.
         parts = find_head_parts(self.model) if lean_loss and not is_deepspeed_zero3_enabled() else None
@@ -97,6 +103,8 @@ class FinetuneTrainer(RunHooks, Trainer):
             logger.info("tied head and embedding: one gradient buffer (the lookup's gradient is sparse until added)")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.neftune is not None:
+            self.neftune.observe(inputs)
         if self.lean is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if return_outputs or "labels" not in inputs:
@@ -146,6 +154,7 @@ def build_finetune_trainer(
         data_collator=data.collator,
         processing_class=tokenizer,
         lean_loss=config.method.lean_loss,
+        neftune_alpha=config.training.get(NEFTUNE_KEY),
         max_nonfinite_steps=config.method.max_nonfinite_steps,
         callbacks=callbacks,
     )
