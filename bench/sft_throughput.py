@@ -43,7 +43,7 @@ LIMA = ROOT.parent / "shared" / "data" / "lima" / "train.jsonl"
 SAMPLE = ROOT / "data" / "sft_sample.jsonl"
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.gguf"
 TEMPLATE = "smollm"  # SmolLM2-Instruct's own chat format (ChatML + its default system prompt)
-CONFIGS = ("ours", "trl_pad", "trl_padding_free", "trl_packing")
+CONFIGS = ("ours", "ours_tokens", "trl_pad", "trl_padding_free", "trl_packing")
 SEED = 1
 LEARNING_RATE = 1e-4
 TRL_DEFAULT_OPTIM = "adamw_torch_fused"
@@ -303,7 +303,9 @@ def lora_settings() -> dict:
     return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
-def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str):
+def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str, tokens: bool = False):
+    """Ours; `tokens`: token-budget batches of batch x max_len tokens, the real tokens per step TRL's
+    packing fills (whole conversations, never cut)."""
     from component.config import config_from_values
     from component.data.splits import TaskData
     from component.model.loading import load_model, load_tokenizer
@@ -323,6 +325,8 @@ def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str):
         "lora_alpha": 32,
         "lora_dropout": 0.0,
     }
+    if tokens:
+        values.update(batching="tokens", max_tokens_per_batch=spec.batch * spec.max_len)
     config = config_from_values(values, CONFIG_CHECKS, source="bench")
     args = training_arguments(config)
     tokenizer = load_tokenizer(config.model)
@@ -389,8 +393,8 @@ def run_one(spec: ModelSpec, config_name: str, model_dir: str, data_dir: str) ->
     torch.set_num_threads(spec.threads)
     dataset = load_from_disk(data_dir)
     with tempfile.TemporaryDirectory() as out:
-        if config_name == "ours":
-            trainer, counter = build_ours(spec, Path(model_dir), dataset, out)
+        if config_name in ("ours", "ours_tokens"):
+            trainer, counter = build_ours(spec, Path(model_dir), dataset, out, tokens=config_name == "ours_tokens")
         else:
             trainer, counter = build_trl(spec, Path(model_dir), dataset, out, config_name)
         timer = step_timer()
@@ -480,6 +484,15 @@ def ratios(results: dict[str, list[dict]]) -> dict:
         "tokens_per_s_ratio_vs_trl_pad": ratio("real_tokens_per_s", "trl_pad"),
         "tokens_per_s_ratio_vs_trl_padding_free": ratio("real_tokens_per_s", "trl_padding_free"),
         "tokens_per_s_ratio_vs_trl_packing": ratio("real_tokens_per_s", "trl_packing"),
+        "ours_tokens_tokens_per_s_ratio_vs_trl_packing": (
+            round(
+                median_of(results["ours_tokens"], "real_tokens_per_s")
+                / median_of(results["trl_packing"], "real_tokens_per_s"),
+                3,
+            )
+            if "ours_tokens" in results and "trl_packing" in results
+            else None
+        ),
         "peak_rss_ratio_vs_trl_pad": ratio("peak_rss_mb", "trl_pad"),
         "last_loss_ratio_vs_trl_pad": ratio("last_loss", "trl_pad"),
     }

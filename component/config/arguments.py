@@ -138,6 +138,16 @@ class DataArguments:
             "messages, sharegpt, alpaca or prompt_completion (README, Data formats)."
         },
     )
+    batching: str = field(
+        default="examples",
+        metadata={
+            "help": "examples: per_device_train_batch_size examples per micro-batch; tokens: whole examples up to "
+            "max_tokens_per_batch tokens, packed best-fit in one padding-free row (component/data/batching.py)."
+        },
+    )
+    max_tokens_per_batch: Optional[int] = field(
+        default=None, metadata={"help": "batching tokens: the micro-batch's token budget (>= max_seq_length)."}
+    )
     chat_template: Optional[str] = field(
         default=None,
         metadata={

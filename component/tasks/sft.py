@@ -55,16 +55,33 @@ def choose_collator(config: Config, tokenizer):
     problem = padding_free_problem(config.data.padding_free, model_type)
     if problem:
         raise ConfigError(problem)
-    if padding_free_enabled(config.data.padding_free, model_type_info(model_type)):
+    enabled = padding_free_enabled(config.data.padding_free, model_type_info(model_type))
+    if config.data.batching == "tokens" and not enabled:
+        raise ConfigError(
+            f"key 'batching': 'tokens' packs each micro-batch into one padding-free row, which model type "
+            f"{model_type!r} does not take here (padding_free is off, or the type is recurrent or not verified "
+            "for it: a scan would carry state across examples); use batching 'examples'"
+        )
+    if enabled:
         logger.info(f"padding-free batches for model type {model_type!r}")
         return PaddingFreeCollator()
     return PaddingCollator(tokenizer.pad_token_id)
+
+
+BATCHING = ("examples", "tokens")
 
 
 def check_sft_values(values: dict) -> list[str]:
     """The SFT keys of what is learned: the template keys and each dataset's train_on."""
     problems = check_template_keys(values)
     problems += choice_problems("reasoning_history", values.get("reasoning_history", "whole"), REASONING_HISTORY)
+    problems += choice_problems("batching", values.get("batching", "examples"), BATCHING)
+    budget, longest = values.get("max_tokens_per_batch"), values.get("max_seq_length", 1024)
+    if values.get("batching") == "tokens" and not (isinstance(budget, int) and budget >= longest):
+        problems.append(
+            f"key 'max_tokens_per_batch': batching 'tokens' needs a budget of at least max_seq_length ({longest}) "
+            f"tokens, so that every example fits whole; got {budget!r}"
+        )
     for key in ("datasets", "eval_datasets"):
         for i, entry in enumerate(values.get(key) or []):
             if isinstance(entry, dict) and entry.get("train_on") is not None:

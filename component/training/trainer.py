@@ -20,11 +20,13 @@ from collections.abc import Sequence
 from typing import Optional
 
 from loguru import logger
+from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from component.config import Config
+from component.data.batching import TokenBudgetSampler
 from component.data.splits import TaskData
 from component.training.checkpoints import CheckpointMarker
 from component.training.log_callback import LogCallback, ProgressBar
@@ -75,8 +77,16 @@ class RunHooks:
 class FinetuneTrainer(RunHooks, Trainer):
     """transformers.Trainer with the run hooks and the lean loss."""
 
-    def __init__(self, *args, lean_loss: bool = True, neftune_alpha: Optional[float] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        lean_loss: bool = True,
+        neftune_alpha: Optional[float] = None,
+        batch_sampler: Optional[Sampler] = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.batch_sampler = batch_sampler  # token-budget batches (component/data/batching.py), or None
         self.neftune = PerExampleNEFTune(neftune_alpha) if neftune_alpha else None
         if self.neftune is not None:
             self.neftune.attach(self.model.get_input_embeddings())
@@ -122,6 +132,21 @@ class FinetuneTrainer(RunHooks, Trainer):
             loss = loss / self.current_gradient_accumulation_steps
         return loss
 
+    def get_train_dataloader(self) -> DataLoader:
+        """With a batch sampler (token-budget batches), a DataLoader over it; accelerate shards its
+        batches across ranks (their number is a multiple of ranks x accumulation steps), and the
+        Trainer sets its epoch and skips the batches already trained on resume."""
+        if self.batch_sampler is None:
+            return super().get_train_dataloader()
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
     def train(self, *args, **kwargs):
         if self.tied_grad is not None:
             self.tied_grad.open()
@@ -136,6 +161,27 @@ class FinetuneTrainer(RunHooks, Trainer):
         if self.tied_grad is not None:
             self.tied_grad.flush()  # before clipping, the finite-gradient guard and the optimizer
         return loss
+
+
+def token_budget_sampler(config: Config, args: TrainingArguments, train) -> Optional[TokenBudgetSampler]:
+    """batching 'tokens': whole examples up to max_tokens_per_batch per micro-batch, the number of
+    micro-batches a multiple of ranks x accumulation steps."""
+    if config.data.batching != "tokens":
+        return None
+    lengths = [len(ids) for ids in train["input_ids"]]
+    sampler = TokenBudgetSampler(
+        lengths,
+        config.data.max_tokens_per_batch,
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        multiple_of=args.world_size * args.gradient_accumulation_steps,
+    )
+    batches = sampler.batches(0)
+    logger.info(
+        f"token-budget batches: {len(batches)} micro-batches of at most {config.data.max_tokens_per_batch} tokens "
+        f"per epoch, {sum(lengths) / max(len(batches), 1):.0f} tokens each on average ({len(lengths)} examples, "
+        "each once)"
+    )
+    return sampler
 
 
 def build_finetune_trainer(
@@ -155,6 +201,7 @@ def build_finetune_trainer(
         processing_class=tokenizer,
         lean_loss=config.method.lean_loss,
         neftune_alpha=config.training.get(NEFTUNE_KEY),
+        batch_sampler=token_budget_sampler(config, args, data.train),
         max_nonfinite_steps=config.method.max_nonfinite_steps,
         callbacks=callbacks,
     )

@@ -1,0 +1,85 @@
+"""Token-budget batches (component/data/batching.py): whole examples up to a budget, each once per
+epoch, a batch count that splits evenly over ranks x accumulation, exact resume."""
+
+from __future__ import annotations
+
+import random
+import signal
+
+import pytest
+
+from component.data.batching import TokenBudgetSampler, best_fit_decreasing, split_to_multiple
+from component.errors import ConfigError
+from component.training.checkpoints import newest_complete
+from tests.conftest import base_config
+from tests.runs import (
+    SAVE_STEPS,
+    assert_same_run,
+    config_of,
+    run_config,
+    run_with_fault,
+    train_in_process,
+    trainer_losses,
+)
+from tests.runs import train as train_values
+
+TOKENS = {"batching": "tokens", "max_tokens_per_batch": 160}
+
+
+def test_each_example_once_every_bin_within_budget_and_a_splittable_count():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 120) for _ in range(300)]
+    sampler = TokenBudgetSampler(lengths, 256, seed=3, multiple_of=4, window=64)
+    for epoch in (0, 1):
+        batches = sampler.batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(300))  # each example exactly once
+        assert all(sum(lengths[i] for i in b) <= 256 for b in batches)
+        assert len(batches) % 4 == 0
+        fill = sum(lengths) / (len(batches) * 256)
+        assert fill > 0.85, fill  # best-fit-decreasing fills the budget
+    assert sampler.batches(0) == TokenBudgetSampler(lengths, 256, seed=3, multiple_of=4, window=64).batches(0)
+    assert sampler.batches(0) != sampler.batches(1)  # a new order each epoch
+
+
+def test_best_fit_and_splitting():
+    assert best_fit_decreasing([0, 1, 2, 3], [6, 5, 4, 1], 10) == [[0, 2], [1, 3]]
+    assert split_to_multiple([[0, 1, 2], [3]], 4) == [[0], [3], [1], [2]]
+    with pytest.raises(ValueError, match="exceeds max_tokens_per_batch=10"):
+        TokenBudgetSampler([11], 10)
+
+
+def test_training_with_token_batches_fills_each_row_and_learns(tmp_path, tiny_llama_dir):
+    seen = []
+    values = base_config(tiny_llama_dir, tmp_path / "out", max_steps=8, **TOKENS)
+    trainer = train_values(values)
+    curve = trainer_losses(trainer)
+    assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2, curve
+    loader = trainer.get_train_dataloader()
+    for batch in loader:
+        assert batch["input_ids"].shape[0] == 1 and batch["input_ids"].shape[1] <= TOKENS["max_tokens_per_batch"]
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+        assert all(batch["labels"][0, s] == -100 for s in starts)  # no label crosses an example boundary
+        seen.append(len(starts))
+    assert max(seen) > 2  # several whole examples per row
+    assert sum(seen) == len(trainer.train_dataset)  # each example once per epoch
+
+
+def test_kill9_then_resume_mid_epoch_matches_the_uninterrupted_run(tmp_path, tiny_llama_dir):
+    reference = tmp_path / "reference"
+    train_in_process(run_config(tmp_path, tiny_llama_dir, reference, name="ref.json", **TOKENS))
+    out = tmp_path / "out"
+    config = run_config(tmp_path, tiny_llama_dir, out, **TOKENS)
+    killed = run_with_fault("kill", SAVE_STEPS + 2, config)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert newest_complete(out).path.name == f"checkpoint-{SAVE_STEPS}"
+    train_in_process(config, "--resume_from_checkpoint", "true")
+    assert_same_run(reference, out, resumed_from=SAVE_STEPS)
+
+
+def test_token_batching_keys_are_checked(tmp_path, tiny_llama_dir):
+    with pytest.raises(ConfigError, match="needs a budget of at least max_seq_length"):
+        config_of(base_config(tiny_llama_dir, tmp_path / "o", batching="tokens", max_tokens_per_batch=16))
+    with pytest.raises(ConfigError, match="'tokenz' is not one of examples, tokens"):
+        config_of(base_config(tiny_llama_dir, tmp_path / "o", batching="tokenz"))
+    with pytest.raises(ConfigError, match="does not take here"):
+        train_values(base_config(tiny_llama_dir, tmp_path / "o", padding_free=False, max_steps=1, **TOKENS))
