@@ -10,13 +10,14 @@ task registry and the model layer together.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Optional, TextIO
 
 from loguru import logger
 
-from component.errors import USER_ERROR_EXIT_CODE, UserError
+from component.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
 from component.logs import setup_logging
 
 # The rest of the package is imported inside the commands that need it: a script that needs no model
@@ -66,9 +67,48 @@ def main_train(argv: Optional[list[str]] = None, callbacks: Sequence[TrainerCall
         from component.runner import run
         from component.tasks.registry import CONFIG_CHECKS
 
-        run(load_config(argv, CONFIG_CHECKS), callbacks)
+        config = load_config(argv, CONFIG_CHECKS)
+        check_evaluation(config)  # unknown tasks or a bad prompts file: before training, not after it
+        run(config, callbacks)
+        evaluate_after_training(config)
 
     return run_main(train, verbose)
+
+
+def check_evaluation(config) -> None:
+    """eval_tasks named right (lm-eval installed for them) and eval_prompts readable, before any training."""
+    if config.data.eval_tasks:
+        from component.inference.benchmarks import plan_tasks
+
+        plan_tasks(tuple(config.data.eval_tasks))
+    if config.data.eval_prompts:
+        from component.inference.evaluation import read_prompts
+
+        read_prompts(config.data.eval_prompts)
+
+
+def evaluate_after_training(config) -> None:
+    """eval_tasks / eval_prompts: the finished run scored against its base, and samples.md, on the main
+    process (here, above both the runner and inference in the layers)."""
+    from component.ranks import is_main_process
+
+    data = config.data
+    if not (data.eval_tasks or data.eval_prompts) or not is_main_process():
+        return
+    from component.inference.evaluation import EvalSettings, evaluate_and_report, recorded_base
+    from component.inference.generation import ModelSource
+
+    source = ModelSource(model=config.output_dir)
+    settings = EvalSettings(
+        tasks=tuple(data.eval_tasks or ()),
+        eval_prompts=data.eval_prompts,
+        baseline=recorded_base(source) if data.eval_tasks else None,
+        output_dir=config.output_dir,
+    )
+    logger.info(
+        f"evaluating the finished run: tasks {', '.join(data.eval_tasks or []) or 'none'}; samples: {data.eval_prompts}"
+    )
+    evaluate_and_report(source, settings, out=io.StringIO())
 
 
 # ---------------------------------------------------------------- model flags (chat, serve, evaluate)
@@ -115,6 +155,13 @@ def inspect_data(
     from component.tasks.registry import CONFIG_CHECKS
 
     config = load_config([CONFIG_FILE_FLAG, train_args_file, *overrides], CONFIG_CHECKS)
-    shows = {"sft": show_sft_data, "dpo": show_dpo_data, "pretrain": show_pretrain_data}
+    # ORPO and reward models read the same pairs as DPO.
+    shows = {"sft": show_sft_data, "dpo": show_dpo_data, "orpo": show_dpo_data, "rm": show_dpo_data}
+    shows["pretrain"] = show_pretrain_data
+    if config.method.task_type not in shows:
+        raise ConfigError(
+            f"inspect_data does not show {config.method.task_type!r} data yet ({', '.join(shows)} it does); "
+            "train.py checks every line of it before training"
+        )
     check_data_paths(config)
     shows[config.method.task_type](config, load_tokenizer(config.model), options, out)

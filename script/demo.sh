@@ -18,3 +18,10 @@ if [ -f script/merge_lora.py ] && [ -f script/chat.py ]; then
   "$PY" script/merge_lora.py --adapter_dir "$OUT" --output_dir "$OUT-merged" --force
   "$PY" script/chat.py --model "$OUT-merged" --prompt "Give me three tips for writing clear emails." --max_new_tokens 64
 fi
+# The full demo also scores base against fine-tuned on the local exact-match set and writes samples.md
+# (a few minutes on 2 cores); the CI smoke run (DEMO_STEPS) skips it.
+if [ -z "${DEMO_STEPS:-}" ]; then
+  "$PY" script/evaluate.py --model "$OUT" --tasks ft_facts_gen --baseline models/SmolLM2-135M-Instruct.gguf \
+    --eval_prompts data/eval_tasks/prompts.jsonl --max_new_tokens 64 --output_json "$OUT/eval_summary.json" > /dev/null
+  echo "[demo] base vs fine-tuned: $OUT/eval_results.json, $OUT/eval.png; replies side by side: $OUT/samples.md"
+fi

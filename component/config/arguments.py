@@ -138,6 +138,17 @@ class DataArguments:
             "messages, sharegpt, alpaca or prompt_completion (README, Data formats)."
         },
     )
+    eval_tasks: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Benchmarks run when training ends (lm-eval task names, or local tasks in data/eval_tasks/), "
+            "the fine-tuned model against its base; results in eval_results.json, eval.png and report.json."
+        },
+    )
+    eval_prompts: Optional[str] = field(
+        default=None,
+        metadata={"help": "A file of prompts answered when training ends, base beside fine-tuned, in samples.md."},
+    )
     batching: str = field(
         default="examples",
         metadata={
@@ -171,7 +182,7 @@ class DataArguments:
     )
     max_seq_length: int = field(default=1024, metadata={"help": "Longest tokenized example; longer ones are cut."})
     max_prompt_length: int = field(
-        default=512, metadata={"help": "DPO: the prompt is never cut below this many tokens."}
+        default=512, metadata={"help": "DPO, ORPO, KTO, rm: the prompt is never cut below this many tokens."}
     )
     tokenize_num_workers: int = field(default=1, metadata={"help": "Processes used to tokenize the data."})
     skip_invalid_examples: bool = field(
@@ -206,7 +217,9 @@ class DataArguments:
 class MethodArguments:
     """What kind of training: task, mode and the LoRA adapter's shape."""
 
-    task_type: str = field(default="sft", metadata={"help": "One of: sft, pretrain, dpo."})
+    task_type: str = field(
+        default="sft", metadata={"help": "One of: sft, pretrain, dpo, orpo, kto, rm (a reward model)."}
+    )
     train_mode: str = field(
         default="lora",
         metadata={"help": "One of: full, lora, qlora, freeze (the base's own last layers or named modules train)."},
@@ -293,6 +306,27 @@ class MethodArguments:
             "help": "DPO: score the data with the reference model once before training; full mode then "
             "holds no second model copy."
         },
+    )
+    orpo_beta: float = field(
+        default=0.1,
+        metadata={"help": "ORPO: weight of the odds-ratio term against the chosen reply's NLL (the paper's lambda)."},
+    )
+    kto_beta: float = field(
+        default=0.1, metadata={"help": "KTO: strength of the pull towards the reference model (trl's beta)."}
+    )
+    kto_loss_type: str = field(
+        default="kto",
+        metadata={"help": "KTO: kto (with the KL estimate), or apo_zero_unpaired (no KL term, no reference KL)."},
+    )
+    kto_desirable_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight of the desirable (label true) examples' losses."}
+    )
+    kto_undesirable_weight: float = field(
+        default=1.0, metadata={"help": "KTO: weight of the undesirable (label false) examples' losses."}
+    )
+    rm_center_rewards_coefficient: Optional[float] = field(
+        default=None,
+        metadata={"help": "Reward model: weight of a penalty on the rewards' square, pulling them to mean 0 (0.01)."},
     )
 
 

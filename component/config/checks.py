@@ -131,13 +131,17 @@ def check_lora(values: dict[str, Any]) -> list[str]:
     return problems
 
 
+# The task types whose examples are a prompt and a reply, cut by max_prompt_length (component/data/preference.py).
+PROMPT_TASKS = ("dpo", "orpo", "kto", "rm")
+
+
 def check_lengths(values: dict[str, Any]) -> list[str]:
     problems = []
     seq = values.get("max_seq_length", 1024)
     prompt = values.get("max_prompt_length", 512)
     if seq <= 1:
         problems.append(f"key 'max_seq_length': must be at least 2, got {seq}")
-    if values.get("task_type") == "dpo" and (prompt <= 0 or prompt >= seq):
+    if values.get("task_type") in PROMPT_TASKS and (prompt <= 0 or prompt >= seq):
         problems.append(f"key 'max_prompt_length': must be between 1 and max_seq_length - 1 ({seq - 1}), got {prompt}")
     if values.get("tokenize_num_workers", 1) < 1:
         problems.append("key 'tokenize_num_workers': must be at least 1")

@@ -1,4 +1,4 @@
-"""Preference data for DPO: pairs checked, rendered like SFT, tokenized and truncated.
+"""Preference pairs for DPO, ORPO and reward models: checked, rendered like SFT, tokenized and truncated.
 
 Data, JSONL, one pair per line, in either form:
 - `{"chosen": [messages], "rejected": [messages]}`: role/content lists with
@@ -22,6 +22,8 @@ cannot keep a difference between its replies is dropped and counted.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
@@ -62,7 +64,10 @@ def _messages(value: Any, key: str) -> Union[list[Message], str]:
         return messages
     for i, m in enumerate(messages):
         if not m.plain:
-            return f"{key}[{i}]: DPO pairs take plain system/user/assistant text, not tool calls, results or reasoning"
+            return (
+                f"{key}[{i}]: preference data takes plain system/user/assistant text, not tool calls, results "
+                "or reasoning"
+            )
     return messages
 
 
@@ -104,7 +109,7 @@ def _pair_from_messages(obj: dict) -> Union[Pair, str]:
     return _alternates(chosen[:-1], "chosen") or Pair(chosen[:-1], chosen[-1].content, rejected[-1].content)
 
 
-def _reply(value: Any, key: str) -> Union[str, list]:
+def reply_text(value: Any, key: str) -> Union[str, list]:
     """A reply: a string, or a list holding one assistant message (TRL's conversational form)."""
     if isinstance(value, list):
         messages = _messages(value, key)
@@ -118,9 +123,9 @@ def _reply(value: Any, key: str) -> Union[str, list]:
     return [value]
 
 
-def _pair_from_prompt(obj: dict) -> Union[Pair, str]:
-    """`prompt` a string (with an optional `system`) or a message list; each reply a string or one
-    assistant message."""
+def prompt_history(obj: dict) -> Union[list[Message], str]:
+    """The history a `prompt` stands for: a string (with an optional `system`), or a message list
+    ending with a user turn. Shared by pairs and KTO's unpaired examples (component/data/unpaired.py)."""
     prompt, system = obj["prompt"], obj.get("system")
     if system is not None and not isinstance(system, str):
         return f"'system' must be a string, got {type(system).__name__}"
@@ -130,14 +135,19 @@ def _pair_from_prompt(obj: dict) -> Union[Pair, str]:
         history = _messages(prompt, "prompt")
         if isinstance(history, str):
             return history
-        problem = _alternates(history, "prompt")
-        if problem:
-            return problem
-    elif isinstance(prompt, str) and prompt.strip():
-        history = ([Message("system", system)] if system else []) + [Message("user", prompt)]
-    else:
-        return "'prompt' must be non-empty text or a list of messages"
-    chosen, rejected = _reply(obj["chosen"], "chosen"), _reply(obj["rejected"], "rejected")
+        return _alternates(history, "prompt") or history
+    if isinstance(prompt, str) and prompt.strip():
+        return ([Message("system", system)] if system else []) + [Message("user", prompt)]
+    return "'prompt' must be non-empty text or a list of messages"
+
+
+def _pair_from_prompt(obj: dict) -> Union[Pair, str]:
+    """`prompt` a string (with an optional `system`) or a message list; each reply a string or one
+    assistant message."""
+    history = prompt_history(obj)
+    if isinstance(history, str):
+        return history
+    chosen, rejected = reply_text(obj["chosen"], "chosen"), reply_text(obj["rejected"], "rejected")
     for side in (chosen, rejected):
         if isinstance(side, str):
             return side
@@ -189,10 +199,10 @@ class Tokens(NamedTuple):
     rejected: list[int]
 
 
-def _side(
+def tokenize_side(
     template: Template, tokenizer, history: list[Message], reply: str, empty_think: str = "supervised"
 ) -> tuple[list[int], int]:
-    """Token ids of history + reply up to its end-of-turn, and where the reply's tokens start."""
+    """Token ids of history + reply up to its end-of-turn, and where the reply's tokens start (as SFT tokenizes it)."""
     rendered = render(template, tokenizer, [*history, Message("assistant", reply)], empty_think=empty_think)
     start, end = rendered.spans[-1]
     # The text after the end-of-turn token (the separator) is not generated, so not part of the reply.
@@ -203,8 +213,8 @@ def _side(
 
 def tokenize_pair(pair: Pair, template: Template, tokenizer, empty_think: str = "supervised") -> Tokens:
     """Prompt and completions as SFT tokenizes them; the prompt is the tokens both sides share."""
-    ids_c, start_c = _side(template, tokenizer, pair.history, pair.chosen, empty_think)
-    ids_r, start_r = _side(template, tokenizer, pair.history, pair.rejected, empty_think)
+    ids_c, start_c = tokenize_side(template, tokenizer, pair.history, pair.chosen, empty_think)
+    ids_r, start_r = tokenize_side(template, tokenizer, pair.history, pair.rejected, empty_think)
     # Both sides render the same prompt text; a token merging across the prompt/reply boundary can
     # still split it differently, so the prompt is the longest common token prefix.
     shared = 0
@@ -214,14 +224,20 @@ def tokenize_pair(pair: Pair, template: Template, tokenizer, empty_think: str = 
     return Tokens(ids_c[:shared], ids_c[shared:], ids_r[shared:])
 
 
+def kept_prompt(prompt: list[int], reply_len: int, max_len: int, max_prompt_len: int) -> list[int]:
+    """The prompt cut from the left to leave room for a reply of `reply_len`, never below `max_prompt_len`
+    tokens (pairs here, KTO's examples in component/data/unpaired.py)."""
+    keep = min(len(prompt), max(max_prompt_len, max_len - reply_len))
+    return prompt[len(prompt) - keep :]
+
+
 def truncate_pair(tokens: Tokens, max_len: int, max_prompt_len: int) -> tuple[Optional[Tokens], bool]:
     """The one place pairs are cut. Returns (tokens or None when the pair must be dropped, was cut)."""
     prompt, chosen, rejected = tokens
     longer = max(len(chosen), len(rejected))
     if len(prompt) + longer <= max_len:
         return tokens, False
-    keep = min(len(prompt), max(max_prompt_len, max_len - longer))
-    prompt = prompt[len(prompt) - keep :]
+    prompt = kept_prompt(prompt, longer, max_len, max_prompt_len)
     budget = max_len - len(prompt)
     chosen, rejected = chosen[:budget], rejected[:budget]
     if budget < 1 or chosen == rejected:
@@ -247,6 +263,27 @@ class DPOSummary:
             f"{self.rejected_tokens} rejected; {self.truncated} truncated, {self.dropped_after_truncation} dropped "
             f"(no difference left after truncation), {self.invalid_lines} invalid lines skipped"
         )
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """datasets' progress bars off (a `map` over data already tokenized takes no time worth a bar), then as before."""
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    shown = is_progress_bar_enabled()
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            enable_progress_bar()
+
+
+def mapped(dataset: Dataset, fn, **kwargs) -> Dataset:
+    """`dataset.map(fn)` in memory and quietly: the source may be a memory-mapped cache entry that every rank
+    reads (component/data/cache.py), so nothing is written next to it. ORPO's, KTO's and rm's trainer columns."""
+    with no_progress_bars():
+        return dataset.map(fn, keep_in_memory=True, **kwargs)
 
 
 class PreferenceData(NamedTuple):

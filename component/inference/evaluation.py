@@ -15,15 +15,26 @@ conversation turn with no "assistant", a last user or tool message, an Alpaca
 record with no "output", a prompt with no "completion") is answered but has no
 loss. GAIR's LIMA format is read too (component/data/lima.py), so LIMA's test
 prompts work as they are.
+
+Benchmarks (`tasks`): lm-evaluation-harness tasks, built-in or local YAML,
+through component/inference/benchmarks.py, which imports lm-eval only then.
+Samples (`eval_prompts`): a greedy and a seeded reply to each prompt, written
+to samples.md by component/inference/samples.py. With a `baseline`, the base
+model is scored on the same tasks and prompts after the fine-tuned one (one
+model in memory at a time), with the run's tokenizer and template, so both see
+the same tokens; eval_results.json gets both and the deltas, eval.png a bar
+chart, and the run's report.json a copy under "benchmarks". Task names, local
+task data and prompts are checked before any model loads.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
 
@@ -41,13 +52,25 @@ from component.data.lima import GAIR_KEY, from_gair
 from component.data.sft import as_record, template_problem, tokenized_example
 from component.data.template import IGNORE_INDEX, Message, encode, render, stop_token_ids
 from component.errors import DataError, UserError
-from component.inference.generation import LoadedModel, ModelSource
+from component.inference import benchmarks as bm
+from component.inference import samples as smp
+from component.inference.generation import (
+    LoadedModel,
+    ModelSource,
+    adapter_base_model,
+    inference_device,
+    is_adapter_dir,
+    load_base,
+    parse_dtype,
+)
 from component.model.model_types import model_type_info
 from component.training.outputs import read_meta
+from component.training.report import REPORT_FILE, write_json
 
 DEFAULT_MAX_SEQ_LENGTH = 1024
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 256
+REPORT_KEY = "benchmarks"  # where eval_results.json is copied into the run's report.json
 PROMPT_ONLY_PLACEHOLDER = "-"  # stands in for a missing last reply while a line is checked
 
 
@@ -263,8 +286,8 @@ def write_generations(path: str, records: Sequence[EvalRecord], replies: Iterato
 class EvalSettings:
     """What to evaluate on and how; the model comes apart, as a ModelSource."""
 
-    eval_file: str
-    """SFT-format JSONL (the last turn may omit "assistant"), or GAIR's format."""
+    eval_file: Optional[str] = None
+    """SFT-format JSONL (the last turn may omit "assistant"), or GAIR's format: loss and perplexity."""
     generate_to: Optional[str] = None
     """Write one JSON line per conversation here: prompt and reply."""
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -276,6 +299,22 @@ class EvalSettings:
     top_p: float = 1.0
     output_json: Optional[str] = None
     """Also write the metrics to this file."""
+    tasks: tuple[str, ...] = ()
+    """lm-eval tasks, groups or tags (mmlu, gsm8k, ...), or local tasks (data/eval_tasks/, `task_dirs`)."""
+    task_dirs: tuple[str, ...] = ()
+    """More folders of local lm-eval YAML tasks, searched before data/eval_tasks/."""
+    limit: Optional[float] = None
+    """At most this many documents per task (a fraction of each task when below 1)."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per prompt, as earlier turns; None: each task's own default."""
+    baseline: Optional[str] = None
+    """A base model to score on the same tasks and prompts; samples default to the run's recorded base."""
+    eval_prompts: Optional[str] = None
+    """Prompts (any SFT format, the last turn a prompt) for samples.md."""
+    output_dir: Optional[str] = None
+    """Where eval_results.json, eval.png and samples.md go; None: the run's folder."""
+    sample_settings: smp.SampleSettings = smp.SampleSettings()
+    """How the samples are generated (max_new_tokens is this command's --max_new_tokens)."""
 
 
 def check_settings(settings: EvalSettings) -> None:
@@ -288,6 +327,14 @@ def check_settings(settings: EvalSettings) -> None:
         problems.append(f"--max_seq_length must be at least 2, got {settings.max_seq_length}")
     if settings.temperature < 0 or not 0 < settings.top_p <= 1:
         problems.append("--temperature must be >= 0 and --top_p in (0, 1]")
+    if not (settings.eval_file or settings.tasks or settings.eval_prompts):
+        problems.append("nothing to evaluate: give --eval_file, --tasks or --eval_prompts")
+    if settings.limit is not None and settings.limit <= 0:
+        problems.append(f"--limit must be above 0, got {settings.limit}")
+    if settings.num_fewshot is not None and settings.num_fewshot < 0:
+        problems.append(f"--num_fewshot must be at least 0, got {settings.num_fewshot}")
+    if settings.baseline and not (settings.tasks or settings.eval_prompts):
+        problems.append("--baseline needs --tasks or --eval_prompts to compare on")
     if problems:
         raise UserError("; ".join(problems))
 
@@ -303,12 +350,12 @@ def run_max_seq_length(source: ModelSource, max_seq_length: Optional[int]) -> in
     return DEFAULT_MAX_SEQ_LENGTH
 
 
-def evaluate(source: ModelSource, settings: EvalSettings) -> dict[str, Any]:
-    """The metrics; the data is read and checked before the model is loaded."""
-    check_settings(settings)
-    records = read_eval_file(settings.eval_file)
-    loaded = source.load()
-    if any(r.tools or not all(m.plain for m in r.messages) for r in records):  # tools, reasoning: can it render them?
+def evaluate_file(
+    records: Sequence[EvalRecord], loaded: LoadedModel, source: ModelSource, settings: EvalSettings
+) -> dict:
+    """Loss and perplexity on the eval file (`records`, read from it), and the replies when asked for."""
+    rich = any(r.tools or not all(m.plain for m in r.messages) for r in records)
+    if rich and settings.eval_file:  # tools, reasoning: can the template render them?
         records = read_eval_file(settings.eval_file, loaded.template, loaded.tokenizer)
     max_len = run_max_seq_length(source, settings.max_seq_length)
     logger.info(
@@ -326,6 +373,122 @@ def evaluate(source: ModelSource, settings: EvalSettings) -> dict[str, Any]:
         )
         metrics["generated"] = write_generations(settings.generate_to, records, replies)
         logger.info(f"wrote {metrics['generated']} replies to {settings.generate_to}")
+    return metrics
+
+
+# ---------------------------------------------------------------- benchmarks, samples, before and after
+
+
+def run_folder(source: ModelSource) -> Optional[str]:
+    """The training run being evaluated (the adapter's folder, or a full or merged model's), if any."""
+    for d in (source.adapter, source.model):
+        if d and Path(d).is_dir() and read_meta(d) is not None:
+            return d
+    return None
+
+
+def results_dir(source: ModelSource, settings: EvalSettings) -> Path:
+    if settings.output_dir:
+        return Path(settings.output_dir)
+    run = run_folder(source)
+    if run is None:
+        raise UserError(
+            f"{source.model} is not a training run's folder (no training_meta.json): give --output_dir for "
+            f"{bm.RESULTS_FILE}, {bm.PLOT_FILE} and {smp.SAMPLES_FILE}"
+        )
+    return Path(run)
+
+
+def recorded_base(source: ModelSource) -> Optional[str]:
+    """The base model a run was trained from (an adapter's, or a merged model's recorded base)."""
+    adapter = source.adapter or (source.model if is_adapter_dir(source.model) else None)
+    if adapter:
+        return source.model if source.adapter and source.model else adapter_base_model(adapter)
+    run = run_folder(source)
+    return (read_meta(run) or {}).get("base_model") if run else None
+
+
+def read_prompts(path: str) -> list[list[Message]]:
+    """The prompts of a file in any SFT format: each conversation up to its last reply (or whole)."""
+    return [prompt_messages(r) for r in read_eval_file(path)]
+
+
+def load_baseline(model: str, like: LoadedModel, source: ModelSource) -> LoadedModel:
+    """The base model with the fine-tuned run's tokenizer and template: the same prompts, the same tokens."""
+    from component.model.loading import fit_embeddings
+
+    base = load_base(model, parse_dtype(source.dtype), source.load_in_4bit)
+    fit_embeddings(base, like.tokenizer)  # tokens the run added get rows, as in load_for_inference
+    return LoadedModel(base.eval(), like.tokenizer, like.template, model)
+
+
+@dataclass
+class Scores:
+    """What one model gave: benchmark scores and generation samples (either may be absent)."""
+
+    benchmarks: Optional[bm.BenchmarkRun] = None
+    samples: Optional[smp.ModelSamples] = None
+
+
+def score(loaded: LoadedModel, plan: Optional[bm.TaskPlan], prompts, settings: EvalSettings) -> Scores:
+    benchmarks = (
+        bm.run_benchmarks(loaded, plan, settings.limit, settings.num_fewshot, settings.batch_size) if plan else None
+    )
+    samples = smp.model_samples(loaded, prompts, sample_settings(settings)) if prompts else None
+    return Scores(benchmarks, samples)
+
+
+def sample_settings(settings: EvalSettings) -> smp.SampleSettings:
+    return replace(settings.sample_settings, max_new_tokens=settings.max_new_tokens)
+
+
+def free(loaded: LoadedModel) -> None:
+    """Let the fine-tuned model go before the baseline loads: one model in memory at a time."""
+    loaded.model = None
+    gc.collect()
+    if inference_device().type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write_comparison(
+    out: Path, tuned: bm.BenchmarkRun, base: Optional[bm.BenchmarkRun], settings: EvalSettings
+) -> dict:
+    """eval_results.json, eval.png, and the run's report.json under "benchmarks"; returns the results."""
+    results = bm.comparison(
+        tuned, base, tasks=list(settings.tasks), limit=settings.limit, num_fewshot=settings.num_fewshot
+    )
+    bm.write_results(results, out / bm.RESULTS_FILE)
+    bm.plot_comparison(tuned, base, out / bm.PLOT_FILE)
+    logger.info(f"lm-eval scores ({out / bm.RESULTS_FILE}, {out / bm.PLOT_FILE}):\n{bm.delta_table(tuned, base)}")
+    report = out / REPORT_FILE
+    if report.is_file():
+        write_json(report, {**json.loads(report.read_text()), REPORT_KEY: results})
+        logger.info(f"added the scores to {report} under {REPORT_KEY!r}")
+    return results
+
+
+def evaluate(source: ModelSource, settings: EvalSettings) -> dict[str, Any]:
+    """The metrics; tasks, data and prompts are read and checked before any model is loaded."""
+    check_settings(settings)
+    plan = bm.plan_tasks(settings.tasks, settings.task_dirs) if settings.tasks else None
+    records = read_eval_file(settings.eval_file) if settings.eval_file else None
+    prompts = read_prompts(settings.eval_prompts) if settings.eval_prompts else None
+    out = results_dir(source, settings) if plan or prompts else None
+    base_model = settings.baseline or (recorded_base(source) if prompts else None)
+    loaded = source.load()
+    metrics: dict[str, Any] = evaluate_file(records, loaded, source, settings) if records else {"model": loaded.name}
+    tuned = score(loaded, plan, prompts, settings)
+    base = Scores()
+    if base_model:  # --baseline, or the run's recorded base for the samples
+        free(loaded)
+        base = score(load_baseline(base_model, loaded, source), plan if settings.baseline else None, prompts, settings)
+    if out and tuned.benchmarks:
+        metrics["benchmarks"] = write_comparison(out, tuned.benchmarks, base.benchmarks, settings)
+    if out and prompts and tuned.samples:
+        markdown = smp.samples_markdown(
+            prompts, tuned.samples, base.samples, sample_settings(settings), loaded.template.name
+        )
+        metrics["samples"] = str(smp.write_samples(out / smp.SAMPLES_FILE, markdown))
     return metrics
 
 

@@ -6,20 +6,28 @@ one entry here.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from component.config import Check
+from component.config import Check, MethodArguments
 from component.config.checks import choice_problems
 from component.data.tokenizer_template import check_template_name
 from component.errors import ConfigError
 from component.model.loading import check_lora_target_values
 from component.model.weights import check_model_pickles
-from component.tasks import dpo, pretrain, sft
+from component.tasks import dpo, kto, orpo, pretrain, reward, sft
 from component.tasks.task import Task
 from component.training.distributed import deepspeed_problems
 
-TASKS: dict[str, Task] = {task.name: task for task in (sft.TASK, pretrain.TASK, dpo.TASK)}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (sft.TASK, pretrain.TASK, dpo.TASK, orpo.TASK, kto.TASK, reward.TASK)
+}
 DEFAULT_TASK = "sft"
+# MethodArguments' keys and defaults: a saved train_args.json holds every key, at its default where unused.
+METHOD_DEFAULTS = {
+    f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    for f in dataclasses.fields(MethodArguments)
+}
 # Checks that need a layer above the config: template names, model files and types, DeepSpeed files.
 SHARED_CHECKS: tuple[Check, ...] = (
     check_template_name,
@@ -38,7 +46,19 @@ def check_task_keys(values: dict[str, Any]) -> list[str]:
     return [p for check in (task.checks if task else ()) for p in check(values)]
 
 
-CONFIG_CHECKS: tuple[Check, ...] = (check_task_type, *SHARED_CHECKS, check_task_keys)
+def check_other_task_keys(values: dict[str, Any]) -> list[str]:
+    """A task's own keys (named `<task>_...`: dpo_beta, kto_beta, ...) set for another task type to a value
+    other than the default: that task would not read them."""
+    task_type = values.get("task_type", DEFAULT_TASK)
+    return [
+        f"key '{key}': read by task_type '{owner}' only, and this config's task_type is '{task_type}'; remove it"
+        for key, value in values.items()
+        for owner in [key.split("_", 1)[0]]
+        if key in METHOD_DEFAULTS and owner in TASKS and owner != task_type and value != METHOD_DEFAULTS[key]
+    ]
+
+
+CONFIG_CHECKS: tuple[Check, ...] = (check_task_type, *SHARED_CHECKS, check_task_keys, check_other_task_keys)
 """What `load_config` is handed by train.py, the scripts and the tests."""
 
 
