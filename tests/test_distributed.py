@@ -499,3 +499,21 @@ def test_deepspeed_fp16_on_cpu_is_refused():
     problems = distributed.deepspeed_problems({"deepspeed": str(DS_CONFIGS["z2"]), "fp16": True})
     assert len(problems) == 1 and "'fp16'" in problems[0]
     assert distributed.deepspeed_problems({"deepspeed": str(DS_CONFIGS["z2"]), "bf16": True}) == []
+
+
+def test_torchrun_dora_and_token_batches_match_one_process(work, tiny_llama_dir):
+    """DoRA (a magnitude vector per output, all-reduced like any LoRA weight) under DDP equals one
+    process; token-budget batches too: accelerate deals the micro-batches round-robin to the ranks,
+    so one process with twice the accumulation steps sees the same batches per optimizer step."""
+    ddp = make_config(work, tiny_llama_dir, "ddp_dora", "lora", PER_RANK_BATCH, lora_variant="dora")
+    tokens = dict(batching="tokens", max_tokens_per_batch=128)
+    ddp_tokens = make_config(work, tiny_llama_dir, "ddp_tokens", "lora", PER_RANK_BATCH, **tokens)
+    launch_one_node([ddp, ddp_tokens])
+    one = make_config(work, tiny_llama_dir, "single_dora", "lora", RANKS * PER_RANK_BATCH, lora_variant="dora")
+    assert train.main([CONFIG_FILE_FLAG, str(one)]) == 0
+    assert_same_training(work / "ddp_dora", work / "single_dora", "lora")
+    one_tokens = make_config(
+        work, tiny_llama_dir, "single_tokens", "lora", PER_RANK_BATCH, gradient_accumulation_steps=RANKS, **tokens
+    )
+    assert train.main([CONFIG_FILE_FLAG, str(one_tokens)]) == 0
+    assert step_losses(work / "ddp_tokens") == pytest.approx(step_losses(work / "single_tokens"), abs=LOSS_TOL)
