@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 from component.config import Config
 from component.config.arguments import FULL_WEIGHT_MODES
 from component.data.cache import cache_root, cached
-from component.data.preference import DPOSummary, PreferenceData, build_preference_dataset
+from component.data.preference import DPOSummary, PreferenceData, build_preference_dataset, no_progress_bars
 from component.data.splits import TaskData, build_splits
 from component.data.tokenizer_template import check_template_keys, resolve_template, use_chat_template_file
 from component.tasks.task import Task
@@ -157,16 +157,22 @@ def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callba
     ref_model = None
     if config.method.train_mode in FULL_WEIGHT_MODES and not args.precompute_ref_log_probs:
         ref_model = frozen_copy(config, model)
-    with telemetry_disabled():  # trl's constructor sends the ping
-        return _trainer_class()(
+    return trl_trainer(_trainer_class(), config, args, model, tokenizer, data, callbacks, ref_model=ref_model)
+
+
+def trl_trainer(trainer_class, config: Config, args, model, tokenizer, data: TaskData, callbacks=(), **extra):
+    """One of trl's trainers (subclassed with our RunHooks) over our tokenized data: without trl's
+    telemetry ping (its constructor sends it) or the progress bars of its dataset maps."""
+    with telemetry_disabled(), no_progress_bars():
+        return trainer_class(
             model=model,
-            ref_model=ref_model,
             args=args,
             train_dataset=data.train,
             eval_dataset=data.eval,
             processing_class=tokenizer,
             max_nonfinite_steps=config.method.max_nonfinite_steps,
             callbacks=callbacks,
+            **extra,
         )
 
 

@@ -115,17 +115,7 @@ def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callba
     ref_model = None
     if config.method.train_mode in FULL_WEIGHT_MODES and not args.precompute_ref_log_probs:
         ref_model = dpo.frozen_copy(config, model)
-    with dpo.telemetry_disabled():  # trl's constructor sends the ping
-        return _trainer_class()(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            max_nonfinite_steps=config.method.max_nonfinite_steps,
-            callbacks=callbacks,
-        )
+    return dpo.trl_trainer(_trainer_class(), config, args, model, tokenizer, data, callbacks, ref_model=ref_model)
 
 
 def check_kto_values(values: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ import torch
 from transformers import TrainingArguments
 
 from component.config import Config
-from component.data.preference import mapped, no_progress_bars
+from component.data.preference import mapped
 from component.data.splits import TaskData
 from component.data.template import IGNORE_INDEX
 from component.data.tokenizer_template import check_template_keys
@@ -100,16 +100,7 @@ def _trainer_class():
 
 def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callbacks=()):
     # trl's constructor sends the ping, and maps the datasets three times, leaving ours as they are (tokenize_row).
-    with dpo.telemetry_disabled(), no_progress_bars():
-        return _trainer_class()(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            max_nonfinite_steps=config.method.max_nonfinite_steps,
-            callbacks=callbacks,
-        )
+    return dpo.trl_trainer(_trainer_class(), config, args, model, tokenizer, data, callbacks)
 
 
 def check_orpo_values(values: dict[str, Any]) -> list[str]:

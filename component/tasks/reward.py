@@ -29,7 +29,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Tr
 
 from component.config import Config
 from component.config.arguments import BASE_REWRITING_INITS
-from component.data.preference import mapped, no_progress_bars
+from component.data.preference import mapped
 from component.data.splits import TaskData
 from component.data.tokenizer_template import check_template_keys
 from component.tasks import dpo
@@ -144,16 +144,7 @@ def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callba
         f"reward model: {type(classifier).__name__}, "
         f"{sum(p.numel() for p in classifier.parameters() if p.requires_grad):,} trainable parameters"
     )
-    with dpo.telemetry_disabled(), no_progress_bars():  # trl's constructor sends the ping, and filters by length
-        return _trainer_class()(
-            model=classifier,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            max_nonfinite_steps=config.method.max_nonfinite_steps,
-            callbacks=callbacks,
-        )
+    return dpo.trl_trainer(_trainer_class(), config, args, classifier, tokenizer, data, callbacks)
 
 
 def check_rm_values(values: dict[str, Any]) -> list[str]:
