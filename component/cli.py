@@ -156,7 +156,8 @@ def inspect_data(
 
     config = load_config([CONFIG_FILE_FLAG, train_args_file, *overrides], CONFIG_CHECKS)
     # ORPO and reward models read the same pairs as DPO.
-    shows = {"sft": show_sft_data, "dpo": show_dpo_data, "orpo": show_dpo_data, "rm": show_dpo_data}
+    shows = {"sft": show_sft_data, "dpo": show_dpo_data, "orpo": show_dpo_data, "simpo": show_dpo_data}
+    shows["rm"] = show_dpo_data
     shows["pretrain"] = show_pretrain_data
     if config.method.task_type not in shows:
         raise ConfigError(

@@ -142,3 +142,32 @@ def test_freeze_keys_are_checked(tmp_path, tiny_llama_dir):
     )
     with pytest.raises(ConfigError, match="'lm_haed' match no parameter"):
         train_values(values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peft computes LoftQ on CUDA only")
+def test_loftq_starts_qlora_closer_to_the_unquantized_model(tmp_path, tiny_llama_dir):
+    """LoftQ's adapter cancels part of the 4-bit error: at step 0 the QLoRA model's logits are closer
+    to the full-precision base than with the default (zero) adapter."""
+    from component.model.loading import load_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits
+    errors = {}
+    for init in ("default", "loftq"):
+        config = config_of(base_config(tiny_llama_dir, tmp_path / init, train_mode="qlora", lora_init=init))
+        model = load_model(config).eval()
+        with torch.no_grad():
+            out = model(input_ids=ids.to(model.device)).logits.float().cpu()
+        errors[init] = float((out - reference).norm() / reference.norm())
+    assert errors["loftq"] < errors["default"], errors
+
+
+def test_loftq_is_refused_with_its_reason(tmp_path, tiny_llama_dir):
+    with pytest.raises(ConfigError, match="'loftq' .* needs train_mode 'qlora'"):
+        config_of(base_config(tiny_llama_dir, tmp_path / "x", lora_init="loftq"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="'loftq' is computed by peft on CUDA only"):
+            config_of(base_config(tiny_llama_dir, tmp_path / "y", train_mode="qlora", lora_init="loftq"))

@@ -393,3 +393,14 @@ def test_orpo_under_torchrun_matches_one_process(tiny_llama_dir, tmp_path):
     launch_one_node([config("ddp")])
     assert main_train(["--train_args_file", str(config("single", gradient_accumulation_steps=RANKS))]) == 0
     assert_same_training(tmp_path / "ddp", tmp_path / "single", "lora")
+
+
+def test_simpo_widens_the_length_normalised_margin(tiny_llama_dir, tmp_path):
+    """SimPO through trl's CPOTrainer (loss_type simpo, cpo_alpha 0), on our tokenized pairs."""
+    out, pairs = tmp_path / "out", head(PAIRS, 8, tmp_path)
+    trainer = train(task_config(tiny_llama_dir, out, "simpo", pairs, "lora"))
+    assert (trainer.args.loss_type, trainer.args.cpo_alpha, trainer.args.beta) == ("simpo", 0.0, 2.0)
+    before, after = before_and_after(trainer)
+    assert after["eval_rewards/margins"] > before["eval_rewards/margins"], (before, after)
+    assert after["eval_loss"] < before["eval_loss"], (before, after)
+    assert_saved(out, "lora", "simpo")

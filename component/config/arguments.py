@@ -27,7 +27,7 @@ AUTO_DATA_FORMAT = "auto"
 FULL_WEIGHT_MODES = ("full", "freeze")
 # LoRA variants and initialisations (component/model/loading.py maps them to peft's LoraConfig).
 LORA_VARIANTS = ("lora", "dora", "rslora")
-LORA_INITS = ("default", "gaussian", "pissa", "olora")
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 # Inits that rewrite the base weights: not possible on a 4-bit base, and converted when saved.
 BASE_REWRITING_INITS = ("pissa", "olora")
 DATA_FORMATS = (AUTO_DATA_FORMAT, "conversation", "messages", "sharegpt", "alpaca", "prompt_completion")
@@ -218,7 +218,7 @@ class MethodArguments:
     """What kind of training: task, mode and the LoRA adapter's shape."""
 
     task_type: str = field(
-        default="sft", metadata={"help": "One of: sft, pretrain, dpo, orpo, kto, rm (a reward model)."}
+        default="sft", metadata={"help": "One of: sft, pretrain, dpo, orpo, simpo, kto, rm (a reward model)."}
     )
     train_mode: str = field(
         default="lora",
@@ -253,7 +253,8 @@ class MethodArguments:
         metadata={
             "help": "default (B = 0: the model starts as the base); gaussian; pissa or olora (the adapter "
             "starts from the base weights' principal directions, SVD or QR, and the base keeps the rest; "
-            "the saved adapter is converted to apply to the original base). Not with qlora."
+            "the saved adapter is converted to apply to the original base; not with qlora); loftq (qlora only: the "
+            "adapter starts where it cancels most of the 4-bit quantization error, from the base's safetensors)."
         },
     )
     modules_to_save: Optional[list[str]] = field(
@@ -311,6 +312,10 @@ class MethodArguments:
         default=0.1,
         metadata={"help": "ORPO: weight of the odds-ratio term against the chosen reply's NLL (the paper's lambda)."},
     )
+    simpo_beta: float = field(
+        default=2.0, metadata={"help": "SimPO: scale of the length-averaged reward difference (the paper's beta)."}
+    )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO: target reward margin (the paper's gamma)."})
     kto_beta: float = field(
         default=0.1, metadata={"help": "KTO: strength of the pull towards the reference model (trl's beta)."}
     )

@@ -111,6 +111,19 @@ def check_lora(values: dict[str, Any]) -> list[str]:
             f"key 'lora_init': {init!r} rewrites the base weights from their SVD/QR (base = W - BA), which a "
             "4-bit base cannot hold; use train_mode 'lora', or lora_init 'default' with qlora"
         )
+    if init == "loftq" and values.get("train_mode", "lora") != "qlora":
+        problems.append(
+            "key 'lora_init': 'loftq' initialises the adapter against the 4-bit quantization error, so it needs "
+            "train_mode 'qlora'; with lora there is no quantization error to cancel"
+        )
+    elif init == "loftq":
+        import torch  # only here: config checks stay light
+
+        if not torch.cuda.is_available():
+            problems.append(
+                "key 'lora_init': 'loftq' is computed by peft on CUDA only (peft.utils.loftq_utils), and there is "
+                "no CUDA device here; use lora_init 'default' on this machine"
+            )
     layers = values.get("lora_layers_to_transform")
     if layers is not None and not (
         isinstance(layers, list)
@@ -132,7 +145,7 @@ def check_lora(values: dict[str, Any]) -> list[str]:
 
 
 # The task types whose examples are a prompt and a reply, cut by max_prompt_length (component/data/preference.py).
-PROMPT_TASKS = ("dpo", "orpo", "kto", "rm")
+PROMPT_TASKS = ("dpo", "orpo", "simpo", "kto", "rm")
 
 
 def check_lengths(values: dict[str, Any]) -> list[str]:

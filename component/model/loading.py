@@ -46,7 +46,8 @@ class ModelLocation(NamedTuple):
 
 
 # lora_init -> peft's init_lora_weights
-LORA_INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+# loftq: peft's default init, then replace_lora_weights_loftq on the 4-bit model (apply_lora)
+LORA_INIT_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
 INITIAL_ADAPTER_DIR = "adapter_init"
 
 
@@ -262,7 +263,24 @@ def apply_lora(model: PreTrainedModel, config: Config, new_token_ids: Sequence[i
         raise ConfigError(f"key 'lora_target_modules': {exc}") from None
     if method.lora_init in BASE_REWRITING_INITS:
         save_initial_adapter(model, config.output_dir)
+    if method.lora_init == "loftq":
+        apply_loftq(model, config)
     return model
+
+
+def apply_loftq(model, config: Config) -> None:
+    """LoftQ on the 4-bit base: each adapter starts as the best rank-r correction of its layer's
+    quantization error, computed from the unquantized weights in the base's safetensors file (peft's
+    replace_lora_weights_loftq; the adapter is then plain LoRA: it applies to the base as loaded)."""
+    from peft import replace_lora_weights_loftq
+
+    files = sorted(Path(resolve_location(config.model.model_name_or_path).path).glob("*.safetensors"))
+    if len(files) != 1:
+        raise ConfigError(
+            f"key 'lora_init': 'loftq' reads the unquantized weights from one safetensors file in "
+            f"{config.model.model_name_or_path}; found {len(files)}"
+        )
+    replace_lora_weights_loftq(model, model_path=str(files[0]))
 
 
 def save_initial_adapter(model, output_dir: str) -> None:

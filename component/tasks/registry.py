@@ -15,12 +15,12 @@ from component.data.tokenizer_template import check_template_name
 from component.errors import ConfigError
 from component.model.loading import check_lora_target_values
 from component.model.weights import check_model_pickles
-from component.tasks import dpo, kto, orpo, pretrain, reward, sft
+from component.tasks import dpo, kto, orpo, pretrain, reward, sft, simpo
 from component.tasks.task import Task
 from component.training.distributed import deepspeed_problems
 
 TASKS: dict[str, Task] = {
-    task.name: task for task in (sft.TASK, pretrain.TASK, dpo.TASK, orpo.TASK, kto.TASK, reward.TASK)
+    task.name: task for task in (sft.TASK, pretrain.TASK, dpo.TASK, orpo.TASK, simpo.TASK, kto.TASK, reward.TASK)
 }
 DEFAULT_TASK = "sft"
 # MethodArguments' keys and defaults: a saved train_args.json holds every key, at its default where unused.
