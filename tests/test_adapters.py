@@ -171,3 +171,13 @@ def test_loftq_is_refused_with_its_reason(tmp_path, tiny_llama_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="'loftq' is computed by peft on CUDA only"):
             config_of(base_config(tiny_llama_dir, tmp_path / "y", train_mode="qlora", lora_init="loftq"))
+
+
+@pytest.mark.parametrize("name", ["dora", "rslora", "gaussian", "modules_to_save", "layers"])
+def test_each_variant_trains_under_qlora(tmp_path, tiny_llama_dir, name):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    trainer = train_values(base_config(tiny_llama_dir, out, train_mode="qlora", max_steps=4, **VARIANTS[name]))
+    curve = trainer_losses(trainer)
+    assert all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0], curve
+    assert (out / "adapter_model.safetensors").is_file()
