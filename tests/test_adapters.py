@@ -181,3 +181,10 @@ def test_each_variant_trains_under_qlora(tmp_path, tiny_llama_dir, name):
     curve = trainer_losses(trainer)
     assert all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0], curve
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_pissa_is_refused_with_weights_its_conversion_would_lose(tmp_path, tiny_llama_dir):
+    for extra in ({"lora_variant": "dora"}, {"modules_to_save": ["lm_head"]}, {"add_special_tokens": ["<x>"]}):
+        values = base_config(tiny_llama_dir, tmp_path / "o", lora_init="pissa", **extra)
+        with pytest.raises(ConfigError, match="keeps the LoRA matrices only"):
+            config_of(values)

@@ -63,6 +63,9 @@ def test_training_with_neftune_uses_ours_not_transformers(tmp_path, tiny_llama_d
     trainer = train_values(base_config(tiny_llama_dir, tmp_path / "b", max_steps=3, neftune_noise_alpha=ALPHA))
     assert trainer.args.neftune_noise_alpha is None and trainer.neftune is not None
     assert trainer_losses(trainer) != plain  # the noise reached the forward pass
+    embedding = trainer.model.get_input_embeddings().train()  # after training: the hook is gone
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(embedding(ids), embedding.weight[ids])
 
 
 def test_neftune_is_checked(tmp_path, tiny_llama_dir):

@@ -111,6 +111,22 @@ def check_lora(values: dict[str, Any]) -> list[str]:
             f"key 'lora_init': {init!r} rewrites the base weights from their SVD/QR (base = W - BA), which a "
             "4-bit base cannot hold; use train_mode 'lora', or lora_init 'default' with qlora"
         )
+    if init in BASE_REWRITING_INITS:
+        kept_apart = [
+            key
+            for key, on in (
+                ("lora_variant: dora", values.get("lora_variant") == "dora"),
+                ("modules_to_save", bool(values.get("modules_to_save"))),
+                ("add_special_tokens", bool(values.get("add_special_tokens"))),
+            )
+            if on
+        ]
+        if kept_apart:
+            problems.append(
+                f"key 'lora_init': {init!r} with {', '.join(kept_apart)}: the adapter's conversion for the original "
+                "base (peft) keeps the LoRA matrices only, so those weights would be lost from the saved adapter; "
+                "use lora_init 'default' with them"
+            )
     if init == "loftq" and values.get("train_mode", "lora") != "qlora":
         problems.append(
             "key 'lora_init': 'loftq' initialises the adapter against the 4-bit quantization error, so it needs "
@@ -118,6 +134,13 @@ def check_lora(values: dict[str, Any]) -> list[str]:
         )
     elif init == "loftq":
         import torch  # only here: config checks stay light
+
+        folder = Path(str(values.get("model_name_or_path", "")))
+        if not folder.is_dir() or len(list(folder.glob("*.safetensors"))) != 1:
+            problems.append(
+                "key 'lora_init': 'loftq' reads the unquantized weights from the base's one safetensors file, so "
+                "model_name_or_path must be a local folder holding exactly one (download and merge shards first)"
+            )
 
         if not torch.cuda.is_available():
             problems.append(

@@ -49,6 +49,11 @@ class PerExampleNEFTune:
     def attach(self, embedding: torch.nn.Module) -> None:
         self.handle = embedding.register_forward_hook(self.hook)
 
+    def detach(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
     def observe(self, inputs: dict[str, torch.Tensor]) -> None:
         self.lengths = example_lengths(inputs)
 

@@ -28,6 +28,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from component.config import Config
 from component.data.batching import TokenBudgetSampler
 from component.data.splits import TaskData
+from component.errors import ConfigError
 from component.training.checkpoints import CheckpointMarker
 from component.training.log_callback import LogCallback, ProgressBar
 from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts
@@ -89,8 +90,9 @@ class FinetuneTrainer(RunHooks, Trainer):
         self.batch_sampler = batch_sampler  # token-budget batches (component/data/batching.py), or None
         self.neftune = PerExampleNEFTune(neftune_alpha) if neftune_alpha else None
         if self.neftune is not None:
-            self.neftune.attach(self.model.get_input_embeddings())
             logger.info(f"NEFTune: alpha {neftune_alpha}, noise scaled by each example's own length")
+        if batch_sampler is not None:
+            self.add_callback(SamplerEpoch(batch_sampler))
         # None where the model's type or config rules the lean loss out (component/training/loss.py).
         # ZeRO-3 partitions the head's weight and gathers it only inside the model's own forward.
         parts = find_head_parts(self.model) if lean_loss and not is_deepspeed_zero3_enabled() else None
@@ -150,11 +152,15 @@ class FinetuneTrainer(RunHooks, Trainer):
     def train(self, *args, **kwargs):
         if self.tied_grad is not None:
             self.tied_grad.open()
+        if self.neftune is not None:  # attached for this training only: never left on the model
+            self.neftune.attach(self.model.get_input_embeddings())
         try:
             return super().train(*args, **kwargs)
         finally:
             if self.tied_grad is not None:
                 self.tied_grad.close()
+            if self.neftune is not None:
+                self.neftune.detach()
 
     def training_step(self, model, inputs, *args, **kwargs):
         loss = super().training_step(model, inputs, *args, **kwargs)
@@ -163,17 +169,34 @@ class FinetuneTrainer(RunHooks, Trainer):
         return loss
 
 
+class SamplerEpoch(TrainerCallback):
+    """Sets the token-budget sampler's epoch at each epoch's start. transformers reaches a batch sampler
+    inside accelerate's shard wrapper, but not once a resume has wrapped it again to skip batches."""
+
+    def __init__(self, sampler: TokenBudgetSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(int(state.epoch + 1e-6))  # mid-epoch on resume: 1.5 -> 1
+
+
 def token_budget_sampler(config: Config, args: TrainingArguments, train) -> Optional[TokenBudgetSampler]:
     """batching 'tokens': whole examples up to max_tokens_per_batch per micro-batch, the number of
     micro-batches a multiple of ranks x accumulation steps."""
     if config.data.batching != "tokens":
         return None
     lengths = [len(ids) for ids in train["input_ids"]]
+    multiple = args.world_size * args.gradient_accumulation_steps
+    if len(lengths) < multiple:
+        raise ConfigError(
+            f"key 'batching': 'tokens' needs at least ranks x gradient_accumulation_steps ({multiple}) examples, "
+            f"got {len(lengths)}"
+        )
     sampler = TokenBudgetSampler(
         lengths,
         config.data.max_tokens_per_batch,
         seed=args.data_seed if args.data_seed is not None else args.seed,
-        multiple_of=args.world_size * args.gradient_accumulation_steps,
+        multiple_of=multiple,
     )
     batches = sampler.batches(0)
     logger.info(
