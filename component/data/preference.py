@@ -23,7 +23,7 @@ cannot keep a difference between its replies is dropped and counted.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
@@ -52,6 +52,11 @@ class Pair(NamedTuple):
     history: list[Message]
     chosen: str
     rejected: str
+
+    @property
+    def reply(self) -> str:
+        """The reply rendered when the pair is checked (both share the history's template)."""
+        return self.chosen
 
 
 # ---------------------------------------------------------------- checking
@@ -174,20 +179,25 @@ def check_pair(obj: Any) -> Union[Pair, str]:
     return _pair_from_messages(obj)
 
 
-def pair_checker(template: Template, tokenizer):
-    """check_pair, plus a render with the template, so that template errors also name their line."""
+def rendering_checker(check: Callable[[Any], Any], template: Template, tokenizer):
+    """`check` (a record -> something with `history` and a `reply`, or a problem string), plus a render
+    of history + reply with the template, so that template errors also name their line."""
 
-    def check(obj: Any) -> Union[Pair, str]:
-        pair = check_pair(obj)
-        if isinstance(pair, str):
-            return pair
+    def checked(obj: Any):
+        record = check(obj)
+        if isinstance(record, str):
+            return record
         try:
-            render(template, tokenizer, [*pair.history, Message("assistant", pair.chosen)])
+            render(template, tokenizer, [*record.history, Message("assistant", record.reply)])
         except TemplateError as exc:
             return str(exc)
-        return pair
+        return record
 
-    return check
+    return checked
+
+
+def pair_checker(template: Template, tokenizer):
+    return rendering_checker(check_pair, template, tokenizer)
 
 
 # ---------------------------------------------------------------- tokenizing

@@ -24,9 +24,9 @@ from datasets import Dataset
 
 from component.data.formats import DATA_KEYS
 from component.data.jsonl import Problem, raise_problems, read_jsonl
-from component.data.preference import kept_prompt, prompt_history, reply_text, tokenize_side
+from component.data.preference import kept_prompt, prompt_history, rendering_checker, reply_text, tokenize_side
 from component.data.sft import SKIP_HINT
-from component.data.template import Message, Template, TemplateError, render
+from component.data.template import Message, Template
 
 UNPAIRED_KEYS = frozenset({"prompt", "completion", "label", "system"})
 
@@ -37,6 +37,10 @@ class Example(NamedTuple):
     history: list[Message]
     completion: str
     label: bool
+
+    @property
+    def reply(self) -> str:
+        return self.completion
 
 
 def check_example(obj: Any) -> Union[Example, str]:
@@ -66,19 +70,7 @@ def check_example(obj: Any) -> Union[Example, str]:
 
 
 def example_checker(template: Template, tokenizer):
-    """check_example, plus a render with the template, so that template errors also name their line."""
-
-    def check(obj: Any) -> Union[Example, str]:
-        example = check_example(obj)
-        if isinstance(example, str):
-            return example
-        try:
-            render(template, tokenizer, [*example.history, Message("assistant", example.completion)])
-        except TemplateError as exc:
-            return str(exc)
-        return example
-
-    return check
+    return rendering_checker(check_example, template, tokenizer)
 
 
 class ExampleTokens(NamedTuple):

@@ -103,8 +103,28 @@ def frozen_copy(config: Config, model):
     return ref
 
 
-def _trainer_class():
+def reference_without_copy(model) -> None:
+    """Given a PeftModel, trl keeps a copy of the adapter as "ref". Ours is always freshly initialised
+    (B = 0), so the base with the adapter disabled is the same reference, with no copy held; trl uses
+    that when no "ref" adapter exists (DPO, KTO)."""
     from accelerate.utils import is_peft_model
+
+    if is_peft_model(model) and "ref" in model.peft_config:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
+def trl_experimental(name: str):
+    """A module of trl.experimental (orpo, cpo), imported without trl's notice: trl is pinned and tested here."""
+    import importlib
+
+    from trl.import_utils import suppress_experimental_warning
+
+    with suppress_experimental_warning():
+        return importlib.import_module(f"trl.experimental.{name}")
+
+
+def _trainer_class():
     from trl import DPOTrainer
 
     class PreferenceTrainer(RunHooks, DPOTrainer):
@@ -112,12 +132,7 @@ def _trainer_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            # Given a PeftModel, trl keeps a copy of the adapter as "ref". Ours is always freshly
-            # initialized (B = 0), so the base with the adapter disabled is the same reference,
-            # with no copy held; trl uses that when no "ref" adapter exists.
-            if is_peft_model(self.model) and "ref" in self.model.peft_config:
-                self.model.delete_adapter("ref")
-                self.model.set_adapter("default")
+            reference_without_copy(self.model)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # Our pairs are rendered with the SFT template and truncated already; trl would

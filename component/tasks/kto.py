@@ -86,7 +86,6 @@ def with_kl_completions(dataset, batch_size: int):
 
 
 def _trainer_class():
-    from accelerate.utils import is_peft_model
     from trl import KTOTrainer
 
     class KTORunTrainer(RunHooks, KTOTrainer):
@@ -94,11 +93,7 @@ def _trainer_class():
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            # As in DPO (component/tasks/dpo.py): our adapter starts at B = 0, so the base with the adapter
-            # disabled is the reference trl's "ref" copy would be, with no copy held.
-            if is_peft_model(self.model) and "ref" in self.model.peft_config:
-                self.model.delete_adapter("ref")
-                self.model.set_adapter("default")
+            dpo.reference_without_copy(self.model)
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # Ours is rendered with the SFT template and cut already; trl would re-tokenize it as plain text.

@@ -53,11 +53,7 @@ def build_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
 
 
 def _orpo_module():
-    from trl.import_utils import suppress_experimental_warning
-
-    with suppress_experimental_warning():  # trl's notice on importing trl.experimental: trl is pinned and tested here
-        from trl.experimental import orpo
-    return orpo
+    return dpo.trl_experimental("orpo")
 
 
 def orpo_arguments(config: Config):

@@ -20,11 +20,7 @@ from component.training.trainer import RunHooks
 
 
 def _cpo_module():
-    from trl.import_utils import suppress_experimental_warning
-
-    with suppress_experimental_warning():  # trl's notice on importing trl.experimental: trl is pinned and tested here
-        from trl.experimental import cpo
-    return cpo
+    return dpo.trl_experimental("cpo")
 
 
 def simpo_arguments(config: Config):
