@@ -218,7 +218,8 @@ class MethodArguments:
     """What kind of training: task, mode and the LoRA adapter's shape."""
 
     task_type: str = field(
-        default="sft", metadata={"help": "One of: sft, pretrain, dpo, orpo, simpo, kto, rm (a reward model)."}
+        default="sft",
+        metadata={"help": "One of: sft, pretrain, dpo, orpo, simpo, kto, rm (a reward model), grpo (online RL)."},
     )
     train_mode: str = field(
         default="lora",
@@ -332,6 +333,36 @@ class MethodArguments:
     rm_center_rewards_coefficient: Optional[float] = field(
         default=None,
         metadata={"help": "Reward model: weight of a penalty on the rewards' square, pulling them to mean 0 (0.01)."},
+    )
+    grpo_rewards: Optional[list[Any]] = field(
+        default=None,
+        metadata={
+            "help": 'GRPO: the reward functions, each a name or an object: built-ins {"name": format|accuracy|'
+            'length|json|tool_call, "weight": 1.0, options...}, or {"function": "module:name"} for your own '
+            "(see component/tasks/rewards.py)."
+        },
+    )
+    grpo_num_generations: int = field(
+        default=4, metadata={"help": "GRPO: completions sampled per prompt (the group whose rewards are compared)."}
+    )
+    grpo_max_completion_length: int = field(default=64, metadata={"help": "GRPO: most new tokens per completion."})
+    grpo_temperature: float = field(default=1.0, metadata={"help": "GRPO: sampling temperature of the completions."})
+    grpo_beta: float = field(
+        default=0.0,
+        metadata={"help": "GRPO: weight of the KL penalty towards the starting model (0: none, no reference kept)."},
+    )
+    grpo_loss_type: str = field(
+        default="dapo",
+        metadata={"help": "GRPO: the loss's normalisation, as trl names it: grpo, dr_grpo, dapo, bnpo, ..."},
+    )
+    grpo_use_vllm: bool = field(
+        default=False, metadata={"help": "GRPO: generate with vLLM (a GPU with vllm installed); off by default."}
+    )
+    grpo_samples_every: int = field(
+        default=10,
+        metadata={
+            "help": "GRPO: write a few prompts with their completions and rewards to samples.jsonl every N steps."
+        },
     )
 
 

@@ -231,8 +231,11 @@ def merge_sources(
             problems.append(f"{where}: unknown key{_suggest(key, known)}")
             continue
         cls, f = table[key]
+        tp = hints[cls][f.name]
+        if f.metadata.get("const") is True:  # transformers' bare `--fsdp` means True: `fsdp: true` (saved so) too
+            tp = typing.Union[tp, bool]
         try:
-            merged[key] = _coerce(value, hints[cls][f.name], from_cli)
+            merged[key] = _coerce(value, tp, from_cli)
         except _CoerceError as exc:
             problems.append(f"{where}: {_type_error_text(value, str(exc))}")
         except json.JSONDecodeError:

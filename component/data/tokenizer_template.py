@@ -59,7 +59,10 @@ class AutoTemplate:
         empty_think: str = "supervised",
     ) -> Rendered:
         msgs = [m.chat_template_dict() for m in messages]
-        full = self._apply(tokenizer, msgs, add_generation_prompt, tools)
+        # A generation prompt with empty_think 'prompt' holds the empty think block, as enable_thinking=False puts it
+        # (templates without that switch ignore it).
+        no_thinking = {"enable_thinking": False} if add_generation_prompt and empty_think == "prompt" else {}
+        full = self._apply(tokenizer, msgs, add_generation_prompt, tools, **no_thinking)
         spans = [self._span(tokenizer, msgs, k, full, tools, empty_think) for k in _assistant_turns(messages)]
         if spans and not add_generation_prompt and messages[-1].role == "assistant" and full[spans[-1][1] :].strip():
             raise self._unmaskable("the rendering goes on after the last reply's end-of-turn token")

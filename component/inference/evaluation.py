@@ -46,10 +46,10 @@ from transformers import GenerationConfig
 
 from component.config import AUTO_DATA_FORMAT
 from component.data.collator import PaddingCollator
-from component.data.formats import FileFormat
 from component.data.jsonl import raise_problems, read_jsonl
 from component.data.lima import GAIR_KEY, from_gair
-from component.data.sft import as_record, template_problem, tokenized_example
+from component.data.prompts import prompt_line_checker
+from component.data.sft import tokenized_example
 from component.data.template import IGNORE_INDEX, Message, encode, render, stop_token_ids
 from component.errors import DataError, UserError
 from component.inference import benchmarks as bm
@@ -71,7 +71,6 @@ DEFAULT_MAX_SEQ_LENGTH = 1024
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_NEW_TOKENS = 256
 REPORT_KEY = "benchmarks"  # where eval_results.json is copied into the run's report.json
-PROMPT_ONLY_PLACEHOLDER = "-"  # stands in for a missing last reply while a line is checked
 
 
 # ---------------------------------------------------------------- reading
@@ -86,35 +85,11 @@ class EvalRecord:
     has_reply: bool
 
 
-# Per format: how a record says "no reply yet" (a prompt to answer), and the placeholder reply that
-# lets the converter check the rest of it.
-def _prompt_only(obj: dict) -> Optional[dict]:
-    """The record with a placeholder reply where it ends with a prompt, else None."""
-    placeholder = PROMPT_ONLY_PLACEHOLDER
-    conv, msgs, turns = obj.get("conversation"), obj.get("messages"), obj.get("conversations")
-    if isinstance(conv, list) and conv and isinstance(conv[-1], dict) and "assistant" not in conv[-1]:
-        return {**obj, "conversation": [*conv[:-1], {**conv[-1], "assistant": placeholder}]}
-    if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") in ("user", "tool"):
-        return {**obj, "messages": [*msgs, {"role": "assistant", "content": placeholder}]}
-    if (
-        isinstance(turns, list)
-        and turns
-        and isinstance(turns[-1], dict)
-        and turns[-1].get("from") in ("human", "observation")
-    ):
-        return {**obj, "conversations": [*turns, {"from": "gpt", "value": placeholder}]}
-    if "instruction" in obj and "output" not in obj:
-        return {**obj, "output": placeholder}
-    if "prompt" in obj and "completion" not in obj:
-        return {**obj, "completion": placeholder}
-    return None
-
-
 def eval_line_checker(data_format: str = AUTO_DATA_FORMAT, template=None, tokenizer=None):
     """Checks one line of an eval file: any SFT format (detected per file), where the last turn may
     be a prompt with no reply, or GAIR's format. With the template and tokenizer, a line with tool
     calls or reasoning is rendered too, so that a template that cannot names the line."""
-    file_format = FileFormat(data_format)
+    lines = prompt_line_checker(data_format, template, tokenizer)
 
     def check(obj: Any) -> Union[EvalRecord, str]:
         gair = isinstance(obj, dict) and isinstance(obj.get(GAIR_KEY), list) and "conversation" not in obj
@@ -122,17 +97,11 @@ def eval_line_checker(data_format: str = AUTO_DATA_FORMAT, template=None, tokeni
             obj = from_gair(obj)
             if isinstance(obj, str):
                 return obj
-        filled = _prompt_only(obj) if isinstance(obj, dict) else None
-        converted = file_format.check(filled or obj)
-        if isinstance(converted, str):
-            return converted
-        problem = template_problem(as_record(converted), template, tokenizer) if template else None
-        if problem:
-            return problem
-        messages = converted.all_messages()
-        if filled is not None:
-            messages = messages[:-1]
-        return EvalRecord(messages, converted.tools, filled is None)
+        line = lines(obj)
+        if isinstance(line, str):
+            return line
+        replied = line.reply is not None
+        return EvalRecord(line.messages + [line.reply] if replied else line.messages, line.tools, replied)
 
     return check
 

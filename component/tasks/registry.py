@@ -15,12 +15,14 @@ from component.data.tokenizer_template import check_template_name
 from component.errors import ConfigError
 from component.model.loading import check_lora_target_values
 from component.model.weights import check_model_pickles
-from component.tasks import dpo, kto, orpo, pretrain, reward, sft, simpo
+from component.tasks import dpo, grpo, kto, orpo, pretrain, reward, sft, simpo
 from component.tasks.task import Task
 from component.training.distributed import deepspeed_problems
+from component.training.fsdp import fsdp_problems
 
 TASKS: dict[str, Task] = {
-    task.name: task for task in (sft.TASK, pretrain.TASK, dpo.TASK, orpo.TASK, simpo.TASK, kto.TASK, reward.TASK)
+    task.name: task
+    for task in (sft.TASK, pretrain.TASK, dpo.TASK, orpo.TASK, simpo.TASK, kto.TASK, reward.TASK, grpo.TASK)
 }
 DEFAULT_TASK = "sft"
 # MethodArguments' keys and defaults: a saved train_args.json holds every key, at its default where unused.
@@ -28,12 +30,13 @@ METHOD_DEFAULTS = {
     f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     for f in dataclasses.fields(MethodArguments)
 }
-# Checks that need a layer above the config: template names, model files and types, DeepSpeed files.
+# Checks that need a layer above the config: template names, model files and types, DeepSpeed and FSDP settings.
 SHARED_CHECKS: tuple[Check, ...] = (
     check_template_name,
     check_model_pickles,
     check_lora_target_values,
     deepspeed_problems,
+    fsdp_problems,
 )
 
 

@@ -18,8 +18,10 @@ up its devices (it does so while being constructed):
   is wasted work, and with reentrant gradient checkpointing it fails ("Expected
   to mark a variable ready only once"). transformers' default is True for a
   peft model. Full fine-tuning keeps transformers' default.
-- A plain `python train.py` with `deepspeed` set runs as a one-rank launch
-  (`emulate_launch_for_deepspeed`, called by the runner).
+- A plain `python train.py` with `deepspeed` or `fsdp` set runs as a one-rank launch
+  (`emulate_one_rank_launch`, called by the runner).
+- FSDP (component/training/fsdp.py): accelerate's environment switch is set as `accelerate launch`
+  sets it, before the model loads, and cleared for a run without FSDP.
 All of this runs in the runner (component/training/setup.py), never while a
 config is loaded: loading a config starts no process group.
 
@@ -50,6 +52,8 @@ ADAPTER_MODES = ("lora", "qlora")
 LOOPBACK = "127.0.0.1"
 # ZeRO-3 key: gather the sharded weights into one state dict when saving.
 GATHER_ON_SAVE = "stage3_gather_16bit_weights_on_model_save"
+# Environment accelerate reads to know FSDP is on (set by `accelerate launch --use_fsdp`, and by the Accelerator).
+ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 
 def is_launched() -> bool:
@@ -94,6 +98,7 @@ def prepare_training_kwargs(kwargs: dict[str, Any], train_mode: str) -> dict[str
     out = dict(kwargs)
     if train_mode in ADAPTER_MODES and out.get("ddp_find_unused_parameters") is None:
         out["ddp_find_unused_parameters"] = False
+    set_fsdp_environment(bool(out.get("fsdp")))
     if not is_launched() or has_gpu():
         return out  # one process, or GPUs: transformers picks NCCL itself
     backend = choose_backend(out.get("ddp_backend"), gpu=False)
@@ -107,6 +112,21 @@ def prepare_training_kwargs(kwargs: dict[str, Any], train_mode: str) -> dict[str
     else:
         out["use_cpu"] = True  # accelerate only sets up a CPU process group when told
     return out
+
+
+def set_fsdp_environment(fsdp: bool) -> None:
+    """accelerate's FSDP switch: on for an FSDP config, as `accelerate launch` sets it, before the model
+    loads (transformers reads it for `cpu_ram_efficient_loading`); off for any other config. The
+    Accelerator of an FSDP run sets it and never clears it, and the config alone decides: a run without
+    `fsdp` after one with it in the same process (tests/dist_worker.py), or under a launcher's
+    `--use_fsdp`, is not turned into FSDP."""
+    if fsdp:
+        os.environ[ACCELERATE_FSDP_ENV] = "true"
+        return
+    if os.environ.pop(ACCELERATE_FSDP_ENV, "false").lower() == "true":
+        from loguru import logger
+
+        logger.warning(f"{ACCELERATE_FSDP_ENV}=true ignored: FSDP is switched on by the config's 'fsdp' key")
 
 
 def shutdown(status: int) -> None:
@@ -159,6 +179,13 @@ def emulate_launch_for_deepspeed(deepspeed_config) -> bool:
         MASTER_PORT=str(free_port()),
     )
     return True
+
+
+def emulate_one_rank_launch(training: dict[str, Any]) -> bool:
+    """`emulate_launch_for_deepspeed` for DeepSpeed and FSDP alike: both need a process group, which a
+    plain `python train.py` does not start (transformers refuses FSDP "only works in distributed
+    training"); one rank it is, as DeepSpeed does. Returns True when the environment was set."""
+    return emulate_launch_for_deepspeed(training.get("deepspeed") or training.get("fsdp"))
 
 
 # ---------------------------------------------------------------- DeepSpeed config checks

@@ -91,10 +91,23 @@ def find_head_parts(model: nn.Module) -> Optional[HeadParts]:
     return HeadParts(decoder, head, getattr(config, SOFTCAP_KEY, None))
 
 
+def _module_class(module: nn.Module) -> type:
+    """The module's own class: FSDP2 swaps it for `FSDP<Name>(FSDPModule, <Name>)` in place."""
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(module, FSDPModule):
+            return type(module).__bases__[-1]
+    return type(module)
+
+
 def _plain_linear(head: nn.Module) -> bool:
     weight = getattr(head, "weight", None)
     # type() not isinstance(): quantized linears subclass nn.Linear; ZeRO-3 leaves empty placeholders.
-    return type(head) is nn.Linear and weight is not None and weight.numel() > 0
+    # An FSDP2 head counts: its weight is the gathered one until backward (accelerate keeps the head's
+    # group gathered after forward). The chunked path would call the head module a second time, and
+    # FSDP would then free the final norm's gathered weight before the norm's backward reads it.
+    return _module_class(head) is nn.Linear and weight is not None and weight.numel() > 0
 
 
 def _softcapped(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:

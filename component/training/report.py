@@ -15,7 +15,12 @@ optimizer step, so the report covers the whole run, not one rank. Every
 training record of the log carries the rate and the counts so far
 (`log_metrics`), so TensorBoard plots them too.
 
-The plot uses matplotlib's object API with the Agg canvas: no display, no
+An online-RL run (GRPO) logs rewards at every step: report.json then has a
+`rewards` section (`reward_summary`: first and last reward, and per step each
+reward function's mean, the reward std, completion length, KL and clip ratio)
+and `reward.png` plots them beside `loss.png`.
+
+The plots use matplotlib's object API with the Agg canvas: no display, no
 pyplot global state.
 """
 
@@ -44,6 +49,11 @@ from component.training.safety import SIGNAL_EXIT_BASE, TrainingInterrupted
 
 REPORT_FILE = "report.json"
 PLOT_FILE = "loss.png"
+REWARD_PLOT_FILE = "reward.png"
+REWARD_KEY = "reward"  # trl's GRPO: the weighted sum of the reward functions, mean over the step's completions
+# What the per-step reward records keep from a log entry: these keys, and those under these prefixes.
+REWARD_STEP_KEYS = ("reward", "reward_std", "completions/mean_length", "kl", "entropy")
+REWARD_STEP_PREFIXES = ("rewards/", "clip_ratio/")
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "trl", "datasets")
 # ru_maxrss is KiB on Linux, bytes on macOS.
 RSS_UNIT_BYTES = 1 if sys.platform == "darwin" else 1024
@@ -72,6 +82,10 @@ def batch_counts(inputs: dict) -> tuple[int | torch.Tensor, int | torch.Tensor, 
 
     Left as tensors so that counting a GPU batch does not wait for the GPU.
     """
+    if isinstance(inputs.get("completion_mask"), torch.Tensor) and isinstance(inputs.get("prompt_mask"), torch.Tensor):
+        # A generated batch (trl's GRPO): the prompts and their completions, which are what it learns from.
+        completion = inputs["completion_mask"]
+        return completion.shape[0], inputs["prompt_mask"].sum() + completion.sum(), completion.sum()
     input_ids = inputs.get("input_ids")
     labels = inputs.get("labels")
     mask = inputs.get("attention_mask")
@@ -180,6 +194,54 @@ def loss_summary(log_history: list[dict]) -> dict[str, Any]:
         "best_eval_loss": min(x for _, x in evals) if evals else None,
     }
     return out
+
+
+def reward_steps(log_history: list[dict]) -> list[dict]:
+    """Per logged step of an RL run: the reward, each function's mean and std, and what moves with them."""
+    return [
+        {"step": e["step"]}
+        | {k: v for k, v in e.items() if k in REWARD_STEP_KEYS or k.startswith(REWARD_STEP_PREFIXES)}
+        for e in log_history
+        if REWARD_KEY in e and "step" in e
+    ]
+
+
+def reward_summary(log_history: list[dict]) -> Optional[dict[str, Any]]:
+    """The `rewards` section of report.json; None for a run that logs no reward."""
+    steps = reward_steps(log_history)
+    if not steps:
+        return None
+    return {"first_reward": steps[0][REWARD_KEY], "final_reward": steps[-1][REWARD_KEY], "per_step": steps}
+
+
+def plot_rewards(log_history: list[dict], path: Path) -> Optional[Path]:
+    """The reward and each reward function's mean against step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    steps = reward_steps(log_history)
+    if not steps:
+        return None
+    fig = Figure(figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = [s["step"] for s in steps]
+    marker = "." if len(steps) < 50 else None
+    ax.plot(x, [s[REWARD_KEY] for s in steps], color="black", marker=marker, label="reward (weighted sum)")
+    functions = sorted({k for s in steps for k in s if k.startswith("rewards/") and k.endswith("/mean")})
+    if len(functions) > 1:
+        for key in functions:
+            ax.plot(x, [s.get(key) for s in steps], alpha=0.7, label=key[len("rewards/") : -len("/mean")])
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(f"{path.parent.name}: reward by step")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -336,6 +398,7 @@ class RunReportCallback(TrainerCallback, ExportableState):
             "supervised_tokens_seen": self.tokens.supervised_tokens if counted else None,
             "real_tokens_per_second": round(self.tokens_per_second() or 0.0, 1) if counted and elapsed else None,
             **loss_summary(history),
+            **({"rewards": rewards} if (rewards := reward_summary(history)) else {}),
             **peak_memory(),
             "device": str(args.device) if args else None,
             "world_size": args.world_size if args else 1,
@@ -354,7 +417,9 @@ class RunReportCallback(TrainerCallback, ExportableState):
         try:
             out.mkdir(parents=True, exist_ok=True)
             write_json(out / REPORT_FILE, self.report(status))
-            plotted = plot_losses(self.trainer_state.log_history if self.trainer_state else [], out / PLOT_FILE)
+            history = self.trainer_state.log_history if self.trainer_state else []
+            plotted = plot_losses(history, out / PLOT_FILE)
+            plot_rewards(history, out / REWARD_PLOT_FILE)
         except Exception as exc:  # a report must never be the reason a run fails
             logger.warning(f"could not write the run report to {out}: {exc}")
             return None

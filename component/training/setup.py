@@ -3,7 +3,7 @@
 Constructing `TrainingArguments` sets up accelerate's process state, devices
 and, under a launcher, the process group. So it happens here, once, at the
 start of the runner, never while a config is loaded:
-- a DeepSpeed config run by plain `python train.py` becomes a one-rank launch;
+- a DeepSpeed or FSDP config run by plain `python train.py` becomes a one-rank launch;
 - bf16 on a machine without CUDA runs on the CPU (`use_cpu`); fp16 there is refused, before anything
   starts: the CPU has no fp16 autocast or loss scaling, so the model would train in plain float16;
 - the launcher and the hardware decide the backend (component/training/distributed.py);
@@ -94,7 +94,7 @@ def training_arguments(
     problem = fp16_problem(config)  # before any process state: a refused run starts nothing
     if problem:
         raise ConfigError(problem)
-    distributed.emulate_launch_for_deepspeed(config.training.get("deepspeed"))  # plain `python train.py`
+    distributed.emulate_one_rank_launch(config.training)  # DeepSpeed or FSDP under a plain `python train.py`
     try:
         args = cls(**{**restored_defaults(cls), **machine_kwargs(config), **extra})
     except (ValueError, TypeError, ImportError, OverflowError) as exc:  # OverflowError: a huge ddp_timeout

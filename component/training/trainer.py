@@ -29,6 +29,7 @@ from component.config import Config
 from component.data.batching import TokenBudgetSampler
 from component.data.splits import TaskData
 from component.errors import ConfigError
+from component.training import fsdp
 from component.training.checkpoints import CheckpointMarker
 from component.training.log_callback import LogCallback, ProgressBar
 from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts
@@ -61,6 +62,17 @@ class RunHooks:
         if not self.args.disable_tqdm:
             self.add_callback(ProgressBar(self.run_report.tokens_per_second))
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # accelerate drops an FSDP plugin on a CPU process group (DDP instead); given as on a GPU (training/fsdp.py).
+        if fsdp.enable_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        if self.is_fsdp_enabled and not _internal_call:  # the run's own save, not a checkpoint's: consolidated
+            fsdp.full_state_dict_for_final_save(self.accelerator)
+        super().save_model(output_dir, _internal_call)
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         # Before any callback sees a training record: TensorBoard and our log line get the token rate and counts.
         if "loss" in logs:
@@ -68,8 +80,10 @@ class RunHooks:
         super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
-        # The run report counts real and supervised tokens from each micro-batch.
-        self.run_report.observe_batch(inputs)
+        # The run report counts real and supervised tokens from each micro-batch. trl's GRPO hands its prompt rows
+        # here (a list); it counts the batches it generates from them itself (component/tasks/grpo.py).
+        if isinstance(inputs, dict):
+            self.run_report.observe_batch(inputs)
         loss = super().training_step(model, inputs, *args, **kwargs)
         self.nonfinite_guard.observe_loss(loss)
         return loss
