@@ -342,7 +342,10 @@ def problems(**values) -> list[str]:
         ({"fsdp_config": {"fsdp_use_orig_params": True}}, "fsdp_config.use_orig_params': FSDP1 only"),
         ({"fsdp_config": {"xla": True}}, "PyTorch/XLA"),
         ({"fsdp_config": {"fsdp_state_dict_type": "LOCAL_STATE_DICT"}}, "fsdp_state_dict_type'"),
-        ({"fsdp_config": {"fsdp_cpu_ram_efficient_loading": "yes"}}, "expected true or false, got 'yes'"),
+        (
+            {"fsdp_config": {"fsdp_cpu_ram_efficient_loading": "yes"}},
+            "expected true or false (a JSON boolean, not text), got 'yes'",
+        ),
         ({"train_mode": "qlora"}, "bnb_4bit_quant_storage"),
         ({"train_mode": "freeze"}, "train_mode 'freeze'"),
         ({"task_type": "dpo"}, "task_type 'dpo'"),
@@ -374,13 +377,20 @@ def test_cpu_offload_without_a_gpu_is_refused(values):
         {},
         {"fsdp": True},
         {"fsdp": "shard_grad_op auto_wrap"},
-        {"train_mode": "lora", "fsdp_config": {"version": 2, "activation_checkpointing": "true"}},
+        {"train_mode": "lora", "fsdp_config": {"version": 2, "activation_checkpointing": True}},
         {"fsdp_config": {**SHARDED, "fsdp_cpu_ram_efficient_loading": True, "fsdp_reshard_after_forward": False}},
         {"fsdp": None, "fsdp_config": None},  # no FSDP at all
     ],
 )
 def test_accepted_fsdp_settings(values):
     assert problems(**values) == []
+
+
+@pytest.mark.parametrize("text", ["false", "true"])
+def test_boolean_settings_as_text_are_refused(text):
+    """transformers reads cpu_offload by truthiness: the text "false" would switch offloading on."""
+    found = problems(fsdp_config={"fsdp_cpu_offload": text})
+    assert any("fsdp_cpu_offload': expected true or false (a JSON boolean, not text)" in p for p in found), found
 
 
 def test_fsdp_config_file_is_read(tmp_path):

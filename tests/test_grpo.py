@@ -228,6 +228,9 @@ def test_kill9_then_resume_continues_the_reward_curve(tiny_llama_dir, tmp_path):
     for step in range(5, 9):
         assert new[step]["reward"] == pytest.approx(ref[step]["reward"], abs=1e-6), step
         assert new[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5, abs=1e-7), step
+    # samples.jsonl: step 5 was written before the kill and again after the resume; it is there once.
+    ref_samples = (tmp_path / "ref" / grpo.SAMPLES_FILE).read_text()
+    assert (tmp_path / "out" / grpo.SAMPLES_FILE).read_text() == ref_samples
 
 
 # ---------------------------------------------------------------- errors
@@ -419,11 +422,117 @@ def score(name: str, completions: list[str], ids=None, **options_and_columns) ->
     return reward(["p"] * len(completions), completions, ids or [[0]] * len(completions), **columns)
 
 
+def test_samples_hold_training_steps_only(tiny_llama_dir, tmp_path):
+    """An evaluation generates and scores completions too; samples.jsonl keeps the training steps' only."""
+    out = tmp_path / "out"
+    train(
+        grpo_values(
+            tiny_llama_dir,
+            out,
+            max_steps=2,
+            grpo_samples_every=1,
+            eval_file=str(PROMPTS),
+            eval_strategy="steps",
+            eval_steps=1,
+            per_device_eval_batch_size=8,
+        )
+    )
+    steps = [json.loads(x)["step"] for x in (out / grpo.SAMPLES_FILE).read_text().splitlines()]
+    assert steps == [1] * grpo.SAMPLES_PER_STEP + [2] * grpo.SAMPLES_PER_STEP
+
+
+def test_a_strict_signature_gets_the_columns_trl_passes(tiny_llama_dir, tmp_path):
+    """The probe passes what trl passes (prompt_ids too): a function without **kwargs that the probe lets
+    through trains."""
+    values = grpo_values(tiny_llama_dir, tmp_path / "out", max_steps=1)
+    values["grpo_rewards"] = [{"function": "tests.grpo_rewards:strict"}, TARGET]
+    assert len(rewards_by_step(train(values).state.log_history)) == 1
+
+
+def test_references_are_read_as_the_accuracy_mode_needs(tiny_llama_dir, tmp_path):
+    """Blank references are missing; a final tool call is its JSON; LaTeX that is not a number is refused for
+    numeric accuracy (never its last digit), each on its line."""
+    from component.data.prompts import build_prompt_dataset
+    from component.data.template_registry import TEMPLATES
+
+    tok = load_tokenizer(config_of(grpo_values(tiny_llama_dir, Path("/unused"))).model)
+    user = {"role": "user", "content": "q"}
+    lines = [
+        {"messages": [user, {"role": "assistant", "content": "  "}]},
+        {"messages": [user], "reference": "  "},
+        {"messages": [user], "reference": "\\boxed{\\frac{1}{2}}"},
+        {"messages": [user], "reference": "so 3 + 4 = 7\n#### 7"},
+        {"messages": [user], "reference": 36},
+    ]
+    path = tmp_path / "refs.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    specs = rewards.reward_specs([{"name": "accuracy", "mode": "numeric"}])
+    required = rewards.needs_reference(specs)
+    with pytest.raises(DataError) as err:
+        build_prompt_dataset(str(path), TEMPLATES["chatml"], tok, 64, required=required[0], check_required=required[1])
+    found = str(err.value)
+    assert f"{path}:1: messages[1].content: empty text" in found  # the format refuses a blank reply
+    assert f"{path}:2: no reference answer" in found
+    assert f"{path}:3: the reference answer" in found and "gives no a number" not in found
+    assert "gives no number to compare with (accuracy mode 'numeric')" in found
+    assert f"{path}:4" not in found and f"{path}:5" not in found
+    kept = build_prompt_dataset(
+        str(path),
+        TEMPLATES["chatml"],
+        tok,
+        64,
+        skip_invalid=True,
+        **dict(required=required[0], check_required=required[1]),
+    ).dataset
+    assert kept["reference"] == ["so 3 + 4 = 7\n#### 7", "36"]
+    calls = tmp_path / "calls.jsonl"
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}
+    calls.write_text(
+        json.dumps({"messages": [user, {"role": "assistant", "content": "", "tool_calls": [call]}]}) + "\n"
+    )
+    template = resolve_auto(tok)
+    row = build_prompt_dataset(str(calls), template, tok, 512).dataset[0]
+    assert json.loads(row["reference"]) == [{"name": "add", "arguments": {"a": 1}}]
+
+
+def resolve_auto(tok):
+    from component.data.tokenizer_template import resolve_template, use_chat_template_file
+
+    use_chat_template_file(tok, str(ROOT / "data" / "chat_templates" / "chatml_tools.jinja"))
+    return resolve_template("auto", tok)
+
+
+def test_eval_only_columns_are_decoded_too(tiny_llama_dir, tmp_path):
+    from component.data.prompts import build_prompt_dataset, json_columns
+    from component.data.template_registry import TEMPLATES
+
+    tok = load_tokenizer(config_of(grpo_values(tiny_llama_dir, Path("/unused"))).model)
+    user = {"role": "user", "content": "q"}
+    (tmp_path / "t.jsonl").write_text(json.dumps({"messages": [user], "city": {"name": "Paris"}}) + "\n")
+    (tmp_path / "e.jsonl").write_text(json.dumps({"messages": [user], "city": "Paris", "meta": {"x": 1}}) + "\n")
+    t, e = (
+        build_prompt_dataset(str(tmp_path / f), TEMPLATES["chatml"], tok, 64).dataset for f in ("t.jsonl", "e.jsonl")
+    )
+    columns = json_columns(t, e)
+    assert set(columns) == {"city", "meta", "tools"}
+    assert rewards.decoded({"city": list(e["city"]), "meta": list(e["meta"])}, columns) == {"city": ["Paris"], "meta": [{"x": 1}]}
+    assert rewards.decoded({"city": list(t["city"])}, columns) == {"city": [{"name": "Paris"}]}
+
+
 def test_format_reward():
     replies = ["<think>add them</think> 4", "4", "<think></think> 4", "<think>x</think>", " <think>x</think> 4"]
     assert score("format", replies) == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert score("format", ["Answer: 4", "4"], pattern=r"Answer: \d+$") == [1.0, 0.0]
     assert score("format", ["<think>a\nb</think>\n4"]) == [1.0]  # the dot matches newlines
+
+
+def test_accuracy_reads_no_answer_from_unfinished_reasoning_or_lists():
+    cut = ["<think>6*7 = 42, let me check", "<think>6*7</think> 42", "the numbers are 1,2,3", "1,234 apples"]
+    assert score("accuracy", cut, reference=["42", "42", "123", "1234"], mode="numeric") == [0.0, 1.0, 0.0, 1.0]
+    assert score("accuracy", ["<think>so</think>4"], reference=["<think>2+2</think>4"], mode="exact") == [1.0]
+    assert score("accuracy", ["\\boxed{72}", "72"], reference=["3 + 4\n#### 72"] * 2, mode="boxed") == [1.0, 0.0]
+    assert score("accuracy", ["0.5", "is 2"], reference=["\\boxed{\\frac{1}{2}}"] * 2, mode="boxed") == [0.0, 0.0]
+    assert score("accuracy", ["", "\\boxed{}"], reference=["4", "4"], mode="boxed") == [0.0, 0.0]
 
 
 def test_accuracy_reward_exact_numeric_and_boxed():
@@ -467,8 +576,10 @@ def test_tool_call_reward():
         '<tool_call>{"name": "get_weather", "arguments": {"town": "Rome"}}</tool_call>',  # misses "city"
         '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}</tool_call>',  # does not parse
         "It is sunny.",
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>\n<tool_call>{"name": "rm"',
+        'Sure! <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>',
     ]
-    assert score("tool_call", replies, tools=[tools] * 6) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert score("tool_call", replies, tools=[tools] * 8) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert score("tool_call", replies[:1], tools=[None]) == [0.0]  # a line without tools
 
 

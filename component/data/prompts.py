@@ -8,9 +8,10 @@ functions read (the `accuracy` reward compares with it). A line that ends with a
 its reference as a top-level `reference` key instead. Every other top-level key (`answer`,
 `schema`, `difficulty`, ...) becomes a column of its own, handed to the reward functions by name.
 
-Values that are objects or lists (a line's `tools`, a `schema` key) are stored as their JSON text,
-since a dataset column holds one type; the reward functions get them back as objects
-(component/tasks/rewards.py decodes the columns `PromptSummary.json_columns` names).
+A line's own keys and its `tools` are stored as their JSON text (a dataset column holds one type, and
+lines may differ: a number here, text there); the reward functions get them back as the line wrote
+them (component/tasks/rewards.py decodes the columns `PromptSummary.json_columns` names). A blank
+reference is no reference; a final reply that only calls tools is kept as the calls' JSON.
 
 Tokens: the prompt is rendered with the run's template and its official generation prompt
 (`render(..., add_generation_prompt=True)`) and tokenized once (`prompt_ids`); generation starts
@@ -21,6 +22,7 @@ cut: a cut prompt asks another question.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
@@ -104,7 +106,7 @@ class PromptSummary:
     columns: tuple[str, ...]
     """The lines' own top-level keys, each a column."""
     json_columns: tuple[str, ...] = ()
-    """Columns holding JSON text for objects or lists: `tools`, and any extra key with such a value."""
+    """Columns holding JSON text: `tools` and the lines' own keys."""
 
     def describe(self) -> str:
         extra = f"; extra columns: {', '.join(self.columns)}" if self.columns else ""
@@ -120,8 +122,40 @@ class PromptData(NamedTuple):
     problems: list[Problem]
 
 
+OWN_COLUMNS = ("prompt", "prompt_ids", REFERENCE)  # every other column holds JSON text
+
+
+def json_columns(*datasets: Optional[Dataset]) -> tuple[str, ...]:
+    """The columns stored as JSON text in any of these prompt datasets (train and eval alike)."""
+    return tuple(sorted({c for d in datasets if d is not None for c in d.column_names} - set(OWN_COLUMNS)))
+
+
+def _text(value: Any) -> Optional[str]:
+    """A reference given as a value: its text (a number as written), None where it is missing or blank."""
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if text.strip() else None
+
+
+def reply_reference(reply: Message) -> Optional[str]:
+    """A final reply as the line's reference answer: its text; for a reply that only calls tools, the calls as
+    JSON (`[{"name": ..., "arguments": {...}}]`); None where it is blank."""
+    if reply.content and reply.content.strip():
+        return reply.content
+    if reply.tool_calls:
+        return json.dumps([{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls])
+    return None
+
+
 def _row(
-    line: PromptLine, template, tokenizer, max_prompt_len: int, empty_think: str, required: Optional[str]
+    line: PromptLine,
+    template,
+    tokenizer,
+    max_prompt_len: int,
+    empty_think: str,
+    required: Optional[str],
+    check_required: Optional[Callable[[str], Optional[str]]],
 ) -> Union[dict, str]:
     reserved = sorted(RESERVED_COLUMNS & set(line.extra))
     if reserved:
@@ -145,14 +179,19 @@ def _row(
             f"the prompt is {len(ids)} tokens, longer than max_prompt_length {max_prompt_len}; a prompt is "
             "never cut (it would ask another question): shorten it or raise max_prompt_length"
         )
-    reference = line.reply.content if line.reply is not None else line.extra.get(REFERENCE)
-    if required == REFERENCE and reference is None:
-        return (
-            "no reference answer, which the accuracy reward compares with: end the line with the expected "
-            f"reply, or give it as a top-level '{REFERENCE}' key"
-        )
-    if required not in (None, REFERENCE) and line.extra.get(required) is None:
-        return f"no '{required}' key, which the accuracy reward compares with (its reference_key)"
+    reference = reply_reference(line.reply) if line.reply is not None else _text(line.extra.get(REFERENCE))
+    if required is not None:
+        value = reference if required == REFERENCE else _text(line.extra.get(required))
+        if value is None:
+            return (
+                "no reference answer, which the accuracy reward compares with: end the line with the expected "
+                f"reply, or give it as a top-level '{REFERENCE}' key"
+                if required == REFERENCE
+                else f"no '{required}' key (or an empty one), which the accuracy reward compares with (its reference_key)"
+            )
+        problem = check_required(value) if check_required else None
+        if problem:
+            return problem
     return {
         **line.extra,
         "prompt": rendered.text,
@@ -171,9 +210,11 @@ def build_prompt_dataset(
     data_format: str = AUTO_DATA_FORMAT,
     empty_think: str = "supervised",
     required: Optional[str] = None,
+    check_required: Optional[Callable[[str], Optional[str]]] = None,
 ) -> PromptData:
     """The prompts of a file or folder (any source sources.py reads), rendered and tokenized; `required`
-    names a column every line must fill (the accuracy reward's reference)."""
+    names a column every line must fill (the accuracy reward's reference), and `check_required` checks its
+    text (a message naming what is wrong, or None)."""
     spec = DatasetSpec(path, format=data_format)
     rows: list[dict] = []
     problems: list[Problem] = []
@@ -186,7 +227,7 @@ def build_prompt_dataset(
             return (
                 line
                 if isinstance(line, str)
-                else _row(line, template, tokenizer, max_prompt_len, empty_think, required)
+                else _row(line, template, tokenizer, max_prompt_len, empty_think, required, check_required)
             )
 
         return check
@@ -198,21 +239,14 @@ def build_prompt_dataset(
         raise_problems(path, problems, SKIP_HINT)
     if not rows:
         raise DataError(f"{path}: no valid prompts")
-    columns = tuple(sorted({k for row in rows for k in row} - {"prompt", "prompt_ids", REFERENCE, "tools"}))
-    json_columns = {"tools"} | {k for row in rows for k, v in row.items() if isinstance(v, (dict, list))}
-    json_columns -= {"prompt_ids"}
+    columns = tuple(sorted({k for row in rows for k in row} - {*OWN_COLUMNS, "tools"}))
+    json_columns = {"tools", *columns}
     for row in rows:  # every row has every column, each column one type: datasets needs one schema
         for column in columns:
             row.setdefault(column, None)
         for column in json_columns:
             row[column] = json.dumps(row[column]) if row[column] is not None else None
-    try:
-        dataset = Dataset.from_list(rows)
-    except Exception as exc:  # pyarrow: one column holds values of different types
-        raise DataError(
-            f"{path}: the extra columns ({', '.join(columns) or 'none'}) must hold one type each across lines "
-            f"(a number in one line and text in another cannot be one column): {exc}"
-        ) from exc
+    dataset = Dataset.from_list(rows)
     summary = PromptSummary(
         len(rows),
         sum(row[REFERENCE] is not None for row in rows),

@@ -22,15 +22,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from loguru import logger
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from component.config import Config
 from component.config.arguments import FULL_WEIGHT_MODES
 from component.config.checks import choice_problems
-from component.data.prompts import PromptData, build_prompt_dataset
+from component.data.prompts import PromptData, build_prompt_dataset, json_columns
 from component.data.splits import TaskData
 from component.data.template import stop_token_ids
 from component.data.tokenizer_template import check_template_keys, resolve_template, use_chat_template_file
@@ -47,7 +47,7 @@ SAMPLES_FILE = "samples.jsonl"
 SAMPLES_PER_STEP = 4
 
 
-def _prompts(config: Config, path: str, template, tokenizer, required: Optional[str]) -> PromptData:
+def _prompts(config: Config, path: str, template, tokenizer, required: tuple) -> PromptData:
     data = config.data
     built = build_prompt_dataset(
         path,
@@ -57,7 +57,8 @@ def _prompts(config: Config, path: str, template, tokenizer, required: Optional[
         skip_invalid=data.skip_invalid_examples,
         data_format=data.data_format,
         empty_think=data.empty_think_block,
-        required=required,
+        required=required[0],
+        check_required=required[1],
     )
     logger.info(f"prompts {path}: {built.summary.describe()}")
     return built
@@ -73,7 +74,8 @@ def build_data(config: Config, args: TrainingArguments, tokenizer) -> TaskData:
         _prompts(config, config.data.eval_file, template, tokenizer, required) if config.data.eval_file else None
     )
     # Every reward function, called once on the first prompts: a broken one fails now, before output_dir.
-    checked = [rewards.CheckedReward(spec, train.summary.json_columns) for spec in specs]
+    columns = json_columns(train.dataset, eval_data.dataset if eval_data else None)
+    checked = [rewards.CheckedReward(spec, columns) for spec in specs]
     rewards.probe(
         checked, train.dataset.select(range(min(rewards.PROBE_PROMPTS, len(train.dataset)))).to_list(), tokenizer
     )
@@ -102,18 +104,36 @@ def grpo_arguments(config: Config):
     )
 
 
-class SampleLog:
+class SampleLog(TrainerCallback):
     """samples.jsonl: at step 1 and every `every` steps, the first few completions of the step with each
-    reward function's score and their weighted sum. Fed by every CheckedReward as it scores a batch."""
+    reward function's score and their weighted sum. Fed by every CheckedReward as it scores a batch, but
+    only for the completions a training step generates (between its step's begin and end events: not an
+    evaluation's); a resumed run first drops what the file holds past its checkpoint, as the log does."""
 
     def __init__(self, path: Path, every: int, specs: list[rewards.RewardSpec]):
         self.path, self.every = path, every
         self.weights = {spec.name: spec.weight for spec in specs}
         self.pending: dict[str, list[float]] = {}
+        self.in_step = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if is_main_process() and self.path.is_file():
+            kept = [
+                x
+                for x in self.path.read_text(encoding="utf-8").splitlines()
+                if json.loads(x)["step"] <= state.global_step
+            ]
+            self.path.write_text("".join(f"{x}\n" for x in kept), encoding="utf-8")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.in_step = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.in_step = False
 
     def __call__(self, name: str, prompts, completions, values: list[float], state) -> None:
         step = (state.global_step if state is not None else 0) + 1  # the step these completions train
-        if not is_main_process() or not (step == 1 or step % self.every == 0):
+        if not self.in_step or not is_main_process() or not (step == 1 or step % self.every == 0):
             return
         self.pending[name] = values[:SAMPLES_PER_STEP]
         if len(self.pending) < len(self.weights):
@@ -157,7 +177,8 @@ def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callba
     model.generation_config.eos_token_id = stop_token_ids(template, tokenizer)
     specs = rewards.reward_specs(config.method.grpo_rewards)
     samples = SampleLog(Path(config.output_dir) / SAMPLES_FILE, config.method.grpo_samples_every, specs)
-    reward_funcs = [rewards.CheckedReward(spec, data.summary.json_columns, samples) for spec in specs]
+    columns = json_columns(data.train, data.eval)
+    reward_funcs = [rewards.CheckedReward(spec, columns, samples) for spec in specs]
     prompt_ids = {row["prompt"]: row["prompt_ids"] for row in data.train.select_columns(["prompt", "prompt_ids"])}
     if data.eval is not None:
         prompt_ids.update(
@@ -170,7 +191,7 @@ def build_trainer(config: Config, args, model, tokenizer, data: TaskData, callba
         model,
         tokenizer,
         data,
-        callbacks,
+        (*callbacks, samples),
         reward_funcs=reward_funcs,
         prompt_ids=prompt_ids,
     )

@@ -46,7 +46,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from loguru import logger
 
@@ -182,22 +182,29 @@ def reward_specs(value: list) -> list[RewardSpec]:
     return specs
 
 
-def needs_reference(specs: Sequence[RewardSpec]) -> Optional[str]:
-    """The column the accuracy reward compares with, when one is configured."""
+def needs_reference(specs: Sequence[RewardSpec]) -> tuple[Optional[str], Optional[Callable[[str], Optional[str]]]]:
+    """The column the accuracy reward compares with, and the check of each line's value; (None, None) where
+    no accuracy reward is configured."""
     for spec in specs:
         if spec.builtin == "accuracy":
-            return spec.options.get("reference_key", REFERENCE_KEY)
-    return None
+            return spec.options.get("reference_key", REFERENCE_KEY), reference_problem(
+                spec.options.get("mode", "exact")
+            )
+    return None, None
 
 
 # ---------------------------------------------------------------- built-ins
 
-# A number as replies write one: 1,000 or -2.5 or 1e-3 or 3/4 (a fraction is one number).
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
+# A number as replies write one: 1,000 (commas in groups of three only: "1,2,3" is three numbers), -2.5,
+# 1e-3, or 3/4 (a fraction is one number).
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|-?\.\d+")
 
 
 def final_text(completion: str) -> str:
-    """The reply after its reasoning: the text after the last `</think>`, stripped."""
+    """The reply after its reasoning: the text after the last `</think>`, stripped; "" where a `<think>` is
+    never closed (a reply cut inside its reasoning has no answer: nothing in the reasoning counts)."""
+    if "</think>" not in completion:
+        return "" if "<think>" in completion else completion.strip()
     return completion.rsplit("</think>", 1)[-1].strip()
 
 
@@ -241,17 +248,51 @@ def _same(answer: Optional[str], reference: str, tolerance: float) -> bool:
     return re.sub(r"\s+", "", answer) == re.sub(r"\s+", "", reference)
 
 
+GSM8K_ANSWER = "####"  # GSM8K's references end with "#### <answer>"
+
+
+def expected_answer(reference: str, mode: str) -> Union[str, float, None]:
+    """What a reply must give, read from a reference answer (its reasoning removed): for `exact` the
+    text; for `boxed` the last `\\boxed{}`'s content, else the text after GSM8K's `####`, else the text; for
+    `numeric` that as a number, or the last number of a reference written in words and digits. None
+    where the reference gives nothing to compare with (numeric: no number, or LaTeX that is not one)."""
+    text = final_text(reference)
+    if mode == "exact":
+        return text or None
+    answer = last_boxed(text)
+    if answer is None and GSM8K_ANSWER in text:
+        answer = text.rsplit(GSM8K_ANSWER, 1)[-1].strip()
+    answer = answer if answer is not None else text
+    if mode == "boxed":
+        return answer or None
+    number = as_number(answer)
+    if number is None and "\\" not in answer:  # prose with one final number; never LaTeX (\frac{1}{2} is not 2)
+        number = last_number(answer)
+    return number
+
+
+def reference_problem(mode: str):
+    """A check of one line's reference for the accuracy reward in `mode`: a message, or None where usable."""
+
+    def check(reference: str) -> Optional[str]:
+        if expected_answer(reference, mode) is None:
+            what = "number" if mode == "numeric" else "answer"
+            return f"the reference answer {reference[:60]!r} gives no {what} to compare with (accuracy mode {mode!r})"
+        return None
+
+    return check
+
+
 def accuracy_score(completion: str, reference: str, mode: str, tolerance: float) -> float:
     reply = final_text(completion)
+    expected = expected_answer(reference, mode)
+    if expected is None or not reply:
+        return 0.0
     if mode == "exact":
-        return float(reply == reference.strip())
+        return float(reply == expected)
     if mode == "numeric":
-        expected = as_number(last_boxed(reference) or reference)
-        if expected is None:
-            expected = last_number(reference)
         got = last_number(reply)
-        return float(got is not None and expected is not None and math.isclose(got, expected, abs_tol=tolerance))
-    expected = last_boxed(reference) or reference.strip()
+        return float(got is not None and math.isclose(got, expected, rel_tol=0.0, abs_tol=tolerance))
     return float(_same(last_boxed(reply), expected, tolerance))
 
 
@@ -282,6 +323,12 @@ def tool_calls_in(completion: str) -> Optional[list]:
     or a list of them (Llama 3.1); None where a call does not parse or there is none."""
     text = final_text(completion)
     blocks = TOOL_CALL_BLOCK.findall(text)
+    if blocks and (
+        TOOL_CALL_BLOCK.sub("", text).strip()  # prose, or an unterminated block, beside the calls
+        or text.count("<tool_call>") != len(blocks)
+        or text.count("</tool_call>") != len(blocks)
+    ):
+        return None
     try:
         calls = [json.loads(b) for b in blocks] if blocks else json.loads(text)
     except ValueError:
@@ -434,7 +481,7 @@ class CheckedReward:
                 prompts=prompts,
                 completions=completions,
                 completion_ids=completion_ids,
-                **decoded(columns, self.json_columns),
+                **decoded(columns, self.json_columns),  # inside: a column that is not JSON names this function
             )
         except RewardError:
             raise
@@ -457,7 +504,7 @@ def probe(rewards: Sequence[CheckedReward], rows: list[dict], tokenizer) -> None
     rows = rows[:PROBE_PROMPTS]
     completions = [row.get(REFERENCE_KEY) or "" for row in rows]
     ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
-    columns = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "prompt_ids")}
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}  # as trl passes them: prompt_ids too
     for reward in rewards:
         reward(
             [row["prompt"] for row in rows],

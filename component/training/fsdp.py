@@ -91,11 +91,13 @@ def read_fsdp_config(value: Any) -> tuple[Optional[dict], Optional[str]]:
 
 
 def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or (isinstance(value, str) and value.lower() in ("true", "false"))
+    # JSON booleans only: transformers reads several of these keys by truthiness, so the text "false" would
+    # switch them on (cpu_offload: a silently offloaded run).
+    return isinstance(value, bool)
 
 
 def _truthy(value: Any) -> bool:
-    return value is True or (isinstance(value, str) and value.lower() == "true")
+    return value is True
 
 
 def _key_problems(settings: dict) -> list[str]:
@@ -127,7 +129,9 @@ def _value_problems(settings: dict) -> list[str]:
         problems.append(f"key 'fsdp_config.fsdp_version': expected 2, got {version!r}")
     for key in BOOL_KEYS:
         if key in settings and not _is_bool(settings[key]):
-            problems.append(f"key 'fsdp_config.fsdp_{key}': expected true or false, got {settings[key]!r}")
+            problems.append(
+                f"key 'fsdp_config.fsdp_{key}': expected true or false (a JSON boolean, not text), got {settings[key]!r}"
+            )
     kind = str(settings.get("state_dict_type", FULL_STATE_DICT)).upper()
     problems += choice_problems("fsdp_config.fsdp_state_dict_type", kind, STATE_DICT_TYPES)
     problems += choice_problems(
