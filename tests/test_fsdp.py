@@ -272,6 +272,21 @@ def test_merge_reads_the_fsdp_adapter(runs, single, tmp_path):
         torch.testing.assert_close(merged["fsdp"][key], want, atol=WEIGHT_TOL, rtol=0, msg=key)
 
 
+def test_gguf_export_reads_the_fsdp_model(runs, tmp_path):
+    """The consolidated full model exports to GGUF (f32) with the logits it trained to."""
+    from transformers import AutoModelForCausalLM
+
+    from script import export_gguf
+
+    out = tmp_path / "fsdp.gguf"
+    assert export_gguf.main(["--model", str(runs["fsdp_full"]), "--output", str(out), "--dtype", "f32"]) == 0
+    trained = AutoModelForCausalLM.from_pretrained(runs["fsdp_full"], dtype=torch.float32).eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 
