@@ -413,6 +413,9 @@ def run_one(spec: ModelSpec, config_name: str, model_dir: str, data_dir: str) ->
         "timed_s": elapsed,
         "real_tokens_per_s": tokens_per_s,
         "padding_fraction": 1 - real / computed if computed else 0.0,
+        # Real tokens over the token budget of those steps (batch x max length each: what a token-budget
+        # batch may hold and what TRL's packing fills its rows up to).
+        "packing_efficiency": real / ((steps - 1) * spec.batch * spec.max_len) if steps > 1 else 0.0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "last_loss": losses[-1] if losses else float("nan"),
         "attn_implementation": getattr(trainer.model.config, "_attn_implementation", None),
@@ -458,14 +461,15 @@ def table(spec: ModelSpec, summary: dict, results: dict[str, list[dict]]) -> str
         f"{spec.steps} steps, {spec.threads} threads; medians of {max(len(r) for r in results.values())} runs; "
         "tokens/s over steps 2..N.",
         "",
-        "| configuration | real tokens/s | padding fraction | peak RSS (MB) | last-step loss | attention |"
-        + (" MFU | peak GPU memory (MB) |" if spec.device == "cuda" else ""),
-        "|---|---|---|---|---|---|" + ("---|---|" if spec.device == "cuda" else ""),
+        "| configuration | real tokens/s | padding fraction | packing efficiency | peak RSS (MB) | last-step loss "
+        "| attention |" + (" MFU | peak GPU memory (MB) |" if spec.device == "cuda" else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if spec.device == "cuda" else ""),
     ]
     for name, runs in results.items():
         gpu = f" {median_of(runs, 'mfu'):.3f} | {median_of(runs, 'peak_gpu_mb'):.0f} |" if spec.device == "cuda" else ""
         rows.append(
             f"| {name} | {median_of(runs, 'real_tokens_per_s'):.0f} | {median_of(runs, 'padding_fraction'):.3f} | "
+            f"{median_of(runs, 'packing_efficiency'):.3f} | "
             f"{median_of(runs, 'peak_rss_mb'):.0f} | {median_of(runs, 'last_loss'):.4f} | "
             f"{runs[0]['attn_implementation']} |" + gpu
         )
@@ -473,28 +477,22 @@ def table(spec: ModelSpec, summary: dict, results: dict[str, list[dict]]) -> str
 
 
 def ratios(results: dict[str, list[dict]]) -> dict:
-    ours = results["ours"]
+    """Ours (and ours_tokens) over each TRL configuration that ran, and each configuration's packing efficiency."""
 
-    def ratio(key: str, other: str):
-        if other not in results:
+    def ratio(key: str, mine: str, other: str):
+        if mine not in results or other not in results:
             return None
-        return round(median_of(ours, key) / median_of(results[other], key), 3)
+        return round(median_of(results[mine], key) / median_of(results[other], key), 3)
 
     return {
-        "tokens_per_s_ratio_vs_trl_pad": ratio("real_tokens_per_s", "trl_pad"),
-        "tokens_per_s_ratio_vs_trl_padding_free": ratio("real_tokens_per_s", "trl_padding_free"),
-        "tokens_per_s_ratio_vs_trl_packing": ratio("real_tokens_per_s", "trl_packing"),
-        "ours_tokens_tokens_per_s_ratio_vs_trl_packing": (
-            round(
-                median_of(results["ours_tokens"], "real_tokens_per_s")
-                / median_of(results["trl_packing"], "real_tokens_per_s"),
-                3,
-            )
-            if "ours_tokens" in results and "trl_packing" in results
-            else None
-        ),
-        "peak_rss_ratio_vs_trl_pad": ratio("peak_rss_mb", "trl_pad"),
-        "last_loss_ratio_vs_trl_pad": ratio("last_loss", "trl_pad"),
+        "tokens_per_s_ratio_vs_trl_pad": ratio("real_tokens_per_s", "ours", "trl_pad"),
+        "tokens_per_s_ratio_vs_trl_padding_free": ratio("real_tokens_per_s", "ours", "trl_padding_free"),
+        "tokens_per_s_ratio_vs_trl_packing": ratio("real_tokens_per_s", "ours", "trl_packing"),
+        "ours_tokens_tokens_per_s_ratio_vs_trl_packing": ratio("real_tokens_per_s", "ours_tokens", "trl_packing"),
+        "ours_tokens_peak_rss_ratio_vs_trl_packing": ratio("peak_rss_mb", "ours_tokens", "trl_packing"),
+        "peak_rss_ratio_vs_trl_pad": ratio("peak_rss_mb", "ours", "trl_pad"),
+        "last_loss_ratio_vs_trl_pad": ratio("last_loss", "ours", "trl_pad"),
+        "packing_efficiency": {name: round(median_of(runs, "packing_efficiency"), 3) for name, runs in results.items()},
     }
 
 
@@ -547,7 +545,7 @@ def main(argv: list[str]) -> int:
                 results[config_name].append(result)
                 print(f"# {name} run {rep + 1} {config_name}: {json.dumps(result)}", file=sys.stderr, flush=True)
         print(table(spec, summary, results) + "\n", flush=True)
-        report[name] = ratios(results) if "ours" in results else {}
+        report[name] = ratios(results)
     print(json.dumps(report))
     return 0
 

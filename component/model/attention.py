@@ -8,13 +8,15 @@ slower than attending to each example alone. So:
   AttentionInterface by `register_attention()` (model loading calls it). On a CUDA device in half precision it calls PyTorch's
   own variable-length FlashAttention (`torch.nn.attention.varlen`): one kernel
   per layer on the `cu_seq_lens` the collator gave, with no host sync. On the
-  CPU (and in fp32) it runs plain causal sdpa on each example's slice. Padded
+  CPU (and in fp32) it runs plain causal sdpa on each example's slice, in fp32
+  on the CPU whatever the model's dtype (faster there than bf16). Padded
   batches (an explicit mask) go to transformers' own sdpa unchanged.
 Which model types may use which attention is data: `ModelTypeInfo`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -152,10 +154,16 @@ def segment_sdpa_attention_forward(
             groups,
         )
         return out, None
+    # On the CPU, examples are attended in fp32, bf16/fp16 ones too, with autocast off (it would cast to bf16):
+    # PyTorch's CPU flash kernel is 1.2-3x slower in bf16 than in fp32, its backward most (bench/cpu_bf16.py profile).
+    dtype, on_cpu = query.dtype, query.device.type == "cpu"
+    if on_cpu and dtype in (torch.float16, torch.bfloat16):
+        query, key, value = query.float(), key.float(), value.float()
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     bounds = segment_bounds(position_ids, kwargs.get("cu_seq_lens_q"))
-    out = _attend_segments(query, key, value, bounds, scaling, dropout, kwargs.get("sliding_window"))
-    return out.transpose(1, 2).contiguous(), None
+    with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+        out = _attend_segments(query, key, value, bounds, scaling, dropout, kwargs.get("sliding_window"))
+    return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format), None
 
 
 def segment_sdpa_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):

@@ -437,6 +437,11 @@ def _normalised(total: torch.Tensor, count: int, num_items_in_batch) -> torch.Te
 
 def lean_loss_from_hidden(hidden, labels, parts: HeadParts, num_items_in_batch=None, sink=None) -> torch.Tensor:
     rows, targets = labelled_rows(hidden, labels.to(hidden.device))
+    weight = getattr(parts.head, "weight", None)
+    if weight is not None and weight.is_floating_point() and rows.dtype != weight.dtype:
+        # fp32 hidden states under bf16 autocast (lora_fp32_output): the head runs in its weight's dtype, as
+        # autocast would run it inside the model's forward.
+        rows = rows.to(weight.dtype)
     total = head_cross_entropy_sum(rows, targets, parts.head, parts.softcap, sink=sink)
     return _normalised(total, targets.numel(), num_items_in_batch)
 

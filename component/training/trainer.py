@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from typing import Optional
 
 from loguru import logger
+from peft import PeftModel
+from peft.helpers import disable_input_dtype_casting
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -147,6 +149,14 @@ class FinetuneTrainer(RunHooks, Trainer):
             # normalised by this micro-batch's own count (no num_items_in_batch) still needs it.
             loss = loss / self.current_gradient_accumulation_steps
         return loss
+
+    def compute_loss_context_manager(self):
+        """Under bf16 autocast on the CPU, LoRA's input stays bf16: peft would cast it to its fp32 adapter's dtype
+        (one copy per adapted layer, and the dropout in fp32) only for autocast to cast it back for the matmul."""
+        stack = super().compute_loss_context_manager()
+        if self.args.bf16 and self.args.device.type == "cpu" and isinstance(self.model, PeftModel):
+            stack.enter_context(disable_input_dtype_casting(self.model))
+        return stack
 
     def get_train_dataloader(self) -> DataLoader:
         """With a batch sampler (token-budget batches), a DataLoader over it; accelerate shards its
