@@ -44,6 +44,9 @@ SAMPLE = ROOT / "data" / "sft_sample.jsonl"
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.gguf"
 TEMPLATE = "smollm"  # SmolLM2-Instruct's own chat format (ChatML + its default system prompt)
 CONFIGS = ("ours", "ours_tokens", "trl_pad", "trl_padding_free", "trl_packing")
+GPU_LEVERS = {"ours_tokens_compile": {"torch_compile": True}, "ours_tokens_liger": {"use_liger_kernel": True}}
+"""GPU speed levers, each `ours_tokens` with one setting on (bench/gpu.sh compares them with `ours_tokens`)."""
+ALL_CONFIGS = CONFIGS + tuple(GPU_LEVERS)
 SEED = 1
 LEARNING_RATE = 1e-4
 TRL_DEFAULT_OPTIM = "adamw_torch_fused"
@@ -67,6 +70,7 @@ class ModelSpec:
     arch: dict = field(default_factory=dict)
     device: str = "cpu"  # cpu | cuda
     bf16: bool = False
+    qlora: bool = False  # 4-bit base (bitsandbytes NF4) with LoRA: ours only (the TRL side would need its own setup)
 
 
 MODELS = {
@@ -144,6 +148,53 @@ MODELS = {
             num_key_value_heads=4,
             tie_word_embeddings=False,
             max_position_embeddings=2048,
+        ),
+    ),
+    # The 1.1B Llama at a 16k-token budget a step (16 x 1024): the issue's MFU target.
+    "llama1b_16k_gpu": ModelSpec(
+        "llama1b_16k_gpu",
+        "Random Llama ~1.1B (TinyLlama shape, SmolLM2 vocab), bf16, full, 16k-token budget, one GPU",
+        "tiny_llama",
+        conversations=2048,
+        batch=16,
+        max_len=1024,
+        steps=20,
+        threads=8,
+        device="cuda",
+        bf16=True,
+        arch=dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            tie_word_embeddings=False,
+            max_position_embeddings=2048,
+        ),
+    ),
+    # Llama-3-8B's shape (SmolLM2's 49,152 vocab instead of 128,256: about 7.3B parameters), random bf16
+    # weights, QLoRA (NF4 base, LoRA r16 all-linear): that it runs on one GPU, and its peak memory.
+    "llama8b_qlora_gpu": ModelSpec(
+        "llama8b_qlora_gpu",
+        "Random Llama-3-8B-shaped (SmolLM2 vocab, ~7.3B), bf16, QLoRA r16 all-linear, one GPU",
+        "tiny_llama",
+        lora=True,
+        qlora=True,
+        conversations=256,
+        batch=4,
+        max_len=1024,
+        steps=8,
+        threads=8,
+        device="cuda",
+        bf16=True,
+        arch=dict(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            tie_word_embeddings=False,
+            max_position_embeddings=8192,
         ),
     ),
 }
@@ -233,7 +284,9 @@ def prepare_model(spec: ModelSpec, tokenizer_dir: Path, work: Path) -> Path:
         )
         detach_gguf_quantizer(model)
     elif spec.build == "tiny_llama":
-        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=spec.vocab, **spec.arch, **ids))
+        # bf16 on a GPU run: an 8B model made in fp32 would need 30 GB of host memory, and is trained in bf16 anyway.
+        dtype = torch.bfloat16 if spec.bf16 else torch.float32
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=spec.vocab, **spec.arch, **ids), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_config(GemmaConfig(vocab_size=spec.vocab, **spec.arch, **ids))
     model.save_pretrained(out)
@@ -303,9 +356,9 @@ def lora_settings() -> dict:
     return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
-def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str, tokens: bool = False):
+def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str, tokens: bool = False, extra: dict | None = None):
     """Ours; `tokens`: token-budget batches of batch x max_len tokens, the real tokens per step TRL's
-    packing fills (whole conversations, never cut)."""
+    packing fills (whole conversations, never cut); `extra`: more config keys (a GPU lever)."""
     from component.config import config_from_values
     from component.data.splits import TaskData
     from component.model.loading import load_model, load_tokenizer
@@ -320,13 +373,14 @@ def build_ours(spec: ModelSpec, model_dir: Path, dataset, out: str, tokens: bool
         "train_file": "unused.jsonl",
         "template_name": TEMPLATE,
         "max_seq_length": spec.max_len,
-        "train_mode": "lora" if spec.lora else "full",
+        "train_mode": "qlora" if spec.qlora else "lora" if spec.lora else "full",
         "lora_rank": 16,
         "lora_alpha": 32,
         "lora_dropout": 0.0,
     }
     if tokens:
         values.update(batching="tokens", max_tokens_per_batch=spec.batch * spec.max_len)
+    values.update(extra or {})
     config = config_from_values(values, CONFIG_CHECKS, source="bench")
     args = training_arguments(config)
     tokenizer = load_tokenizer(config.model)
@@ -382,7 +436,8 @@ def mfu(spec: ModelSpec, model, tokens_per_s: float) -> float | None:
     """Model FLOPs utilisation: 6N FLOPs per token for full training, ~4N under LoRA (no weight gradients)."""
     if spec.device != "cuda":
         return None
-    n = sum(p.numel() for p in model.parameters())
+    # A 4-bit weight (bitsandbytes) stores two values a byte: count its quantized shape instead.
+    n = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel() for p in model.parameters())
     return tokens_per_s * (4 if spec.lora else 6) * n / gpu_peak_flops()
 
 
@@ -393,8 +448,9 @@ def run_one(spec: ModelSpec, config_name: str, model_dir: str, data_dir: str) ->
     torch.set_num_threads(spec.threads)
     dataset = load_from_disk(data_dir)
     with tempfile.TemporaryDirectory() as out:
-        if config_name in ("ours", "ours_tokens"):
-            trainer, counter = build_ours(spec, Path(model_dir), dataset, out, tokens=config_name == "ours_tokens")
+        if config_name in ("ours", "ours_tokens") or config_name in GPU_LEVERS:
+            tokens = config_name != "ours"
+            trainer, counter = build_ours(spec, Path(model_dir), dataset, out, tokens, GPU_LEVERS.get(config_name))
         else:
             trainer, counter = build_trl(spec, Path(model_dir), dataset, out, config_name)
         timer = step_timer()
@@ -490,6 +546,10 @@ def ratios(results: dict[str, list[dict]]) -> dict:
         "tokens_per_s_ratio_vs_trl_packing": ratio("real_tokens_per_s", "ours", "trl_packing"),
         "ours_tokens_tokens_per_s_ratio_vs_trl_packing": ratio("real_tokens_per_s", "ours_tokens", "trl_packing"),
         "ours_tokens_peak_rss_ratio_vs_trl_packing": ratio("peak_rss_mb", "ours_tokens", "trl_packing"),
+        **{
+            f"{lever}_tokens_per_s_ratio_vs_ours_tokens": ratio("real_tokens_per_s", lever, "ours_tokens")
+            for lever in GPU_LEVERS
+        },
         "peak_rss_ratio_vs_trl_pad": ratio("peak_rss_mb", "ours", "trl_pad"),
         "last_loss_ratio_vs_trl_pad": ratio("last_loss", "ours", "trl_pad"),
         "packing_efficiency": {name: round(median_of(runs, "packing_efficiency"), 3) for name, runs in results.items()},
@@ -500,7 +560,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: tiny Llama, 1 repeat, 4 steps, 16 conversations")
     p.add_argument("--models", default=",".join(CPU_MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(ALL_CONFIGS)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=None, help="override every model's step count")
     p.add_argument("--work_dir", default=None, help="where weights and tokenized data are cached (default: a temp dir)")
@@ -529,6 +589,9 @@ def main(argv: list[str]) -> int:
         for spec in MODELS.values():
             spec.steps = args.steps
     configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in ALL_CONFIGS]
+    if unknown:
+        sys.exit(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(ALL_CONFIGS)}")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="sft-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = prepare_tokenizer(work)

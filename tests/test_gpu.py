@@ -103,6 +103,29 @@ def test_half_precision_uses_one_varlen_kernel_per_layer(monkeypatch):
     assert calls["varlen"] == model.config.num_hidden_layers
 
 
+def test_bf16_padding_free_step_syncs_once(monkeypatch):
+    """Forward, lean loss and backward of a padding-free bf16 batch: the only host synchronisation is
+    transformers' packed-sequence check (once per forward; tests/test_sync_free.py finds the same on the CPU)."""
+    import warnings
+
+    tok = tiny_tokenizer()
+    model = cuda_model("llama", tok, torch.bfloat16)
+    model.set_attn_implementation(SEGMENT_SDPA)
+    batch = on_cuda(PaddingFreeCollator()(examples(len(tok))))
+    parts = find_head_parts(model)
+    lean_causal_lm_loss(model, parts, batch).backward()  # warm-up: allocations, kernel selection
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lean_causal_lm_loss(model, parts, batch).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, [f"{w.filename}:{w.lineno}" for w in syncs]
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 def test_lean_loss_matches_standard_on_cuda(kind):
     tok = tiny_tokenizer()

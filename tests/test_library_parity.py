@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from component.data.collator import PaddingFreeCollator
+from component.data.collator import LABEL_ROWS, PaddingFreeCollator
 from component.data.template import IGNORE_INDEX
 from component.errors import ConfigError
 from component.training.checkpoints import safetensors_problem
@@ -225,6 +225,9 @@ def test_padding_free_collator_equals_transformers_flattening():
         features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n // 3) + ids[n // 3 :]})
     ours = PaddingFreeCollator()(features)
     theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features)
+    # Ours adds one key for the lean loss (not a model input): the positions whose next label is trained.
+    label_rows = ours.pop(LABEL_ROWS)
+    assert label_rows.tolist() == (theirs["labels"][0, 1:] != IGNORE_INDEX).nonzero().flatten().tolist()
     assert list(ours) == list(theirs)
     for key, value in ours.items():
         other = theirs[key]

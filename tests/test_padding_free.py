@@ -13,7 +13,7 @@ from component.data.collator import PaddingCollator, PaddingFreeCollator
 from component.data.template import IGNORE_INDEX
 from component.errors import ConfigError
 from component.model import attention as padding_free
-from component.model.attention import SEGMENT_SDPA, segment_bounds
+from component.model.attention import SEGMENT_SDPA, register_attention, segment_bounds
 from component.model.loading import load_tokenizer
 from component.tasks.sft import build_data
 from component.training.setup import training_arguments
@@ -22,6 +22,10 @@ from tests.runs import load_config, trainer_losses
 from tests.tiny import tiny_model, tiny_tokenizer
 
 LENGTHS = (7, 12, 5, 9)
+
+# Model loading registers `segment_sdpa`; these tests build models directly, so they register it themselves
+# (alone, this module would otherwise depend on another test having loaded a model first).
+register_attention()
 TOL = dict(atol=1e-5, rtol=1e-4)
 
 

@@ -88,6 +88,19 @@ def test_token_batching_keys_are_checked(tmp_path, tiny_llama_dir):
         train_values(base_config(tiny_llama_dir, tmp_path / "o", padding_free=False, max_steps=1, **TOKENS))
 
 
+@pytest.mark.parametrize("task_type", ["dpo", "orpo", "simpo", "kto", "rm", "grpo"])
+def test_token_batching_refused_for_tasks_that_would_ignore_it(tmp_path, tiny_llama_dir, task_type):
+    values = base_config(tiny_llama_dir, tmp_path / "o", task_type=task_type, **TOKENS)
+    with pytest.raises(ConfigError) as caught:
+        config_of(values)
+    message = str(caught.value)
+    assert (
+        f"key 'batching': token-budget batches are built for task_type 'sft' only; task_type '{task_type}'" in message
+    )
+    assert "key 'max_tokens_per_batch'" in message
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_sampler_epoch_follows_the_trainer_even_when_resumed():
     """transformers cannot reach the sampler through a resume's skip wrapper: a callback sets the epoch."""
     from types import SimpleNamespace

@@ -9,7 +9,10 @@ first label of every example is IGNORE_INDEX so that no example learns to
 predict the next one's first token (exactly the targets a padded batch has).
 `cu_seq_lens_*` / `max_length_*` carry the boundaries in the form
 flash-attention's varlen path takes; transformers forwards them to the
-attention function (component/model/attention.py).
+attention function (component/model/attention.py). `label_rows` lists the
+positions that predict a label, for the lean loss (component/training/loss.py).
+All three are made here, on the host, so that a GPU step never reads a length or
+a count back from the device (tests/test_sync_free.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from component.data.template import IGNORE_INDEX
+
+LABEL_ROWS = "label_rows"
+"""A padding-free batch's key, not a model input: the positions t of the row whose label t + 1 is trained. The lean
+loss gathers their hidden states with it instead of a boolean mask, whose size the GPU would have to report back."""
 
 
 @dataclass
@@ -61,6 +68,7 @@ class PaddingFreeCollator:
             positions.extend(range(n))
             lengths.append(n)
         cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        label_rows = [t for t, label in enumerate(labels[1:]) if label != IGNORE_INDEX]
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
@@ -69,4 +77,5 @@ class PaddingFreeCollator:
             "cu_seq_lens_k": cu,
             "max_length_q": max(lengths),
             "max_length_k": max(lengths),
+            LABEL_ROWS: torch.tensor(label_rows, dtype=torch.long),
         }

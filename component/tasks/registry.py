@@ -61,7 +61,31 @@ def check_other_task_keys(values: dict[str, Any]) -> list[str]:
     ]
 
 
-CONFIG_CHECKS: tuple[Check, ...] = (check_task_type, *SHARED_CHECKS, check_task_keys, check_other_task_keys)
+TOKEN_BATCH_TASKS = ("sft",)
+"""Task types that read `batching: tokens` (component/data/batching.py); pretrain has its own check (fixed blocks)."""
+
+
+def check_token_batches(values: dict[str, Any]) -> list[str]:
+    """`batching` / `max_tokens_per_batch` set for a task that would not read them: refused, not ignored."""
+    task_type = values.get("task_type", DEFAULT_TASK)
+    if task_type in TOKEN_BATCH_TASKS or task_type == "pretrain" or task_type not in TASKS:
+        return []
+    return [
+        f"key '{key}': token-budget batches are built for task_type {' or '.join(map(repr, TOKEN_BATCH_TASKS))} "
+        f"only; task_type '{task_type}' batches per_device_train_batch_size examples (or pairs) per device; "
+        f"remove '{key}'"
+        for key, unset in (("batching", "examples"), ("max_tokens_per_batch", None))
+        if values.get(key, unset) != unset
+    ]
+
+
+CONFIG_CHECKS: tuple[Check, ...] = (
+    check_task_type,
+    *SHARED_CHECKS,
+    check_task_keys,
+    check_other_task_keys,
+    check_token_batches,
+)
 """What `load_config` is handed by train.py, the scripts and the tests."""
 
 

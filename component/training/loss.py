@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from component.data.collator import LABEL_ROWS
 from component.data.template import IGNORE_INDEX
 from component.model.model_types import model_type_info
 
@@ -392,17 +393,31 @@ def head_cross_entropy_sum(
     return total
 
 
-def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden rows (N, H) that predict a label, and those labels (N,): position t predicts labels[t + 1]."""
+def labelled_rows(
+    hidden: torch.Tensor, labels: torch.Tensor, rows: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden rows (N, H) that predict a label, and those labels (N,): position t predicts labels[t + 1].
+
+    `rows`: those positions t, given by the padding-free collator for its one-row batch (LABEL_ROWS). Gathering
+    them reads nothing back from the device; a boolean mask's result has a size the GPU must report to the host.
+    """
     targets = labels[:, 1:]
+    if rows is not None:
+        rows = rows.to(hidden.device)
+        return hidden[0].index_select(0, rows), targets[0].index_select(0, rows)
     keep = targets != IGNORE_INDEX
     return hidden[:, :-1][keep], targets[keep]
+
+
+def without_label_rows(inputs: dict) -> dict:
+    """A batch without LABEL_ROWS, which is the loss's and not a model input."""
+    return {k: v for k, v in inputs.items() if k != LABEL_ROWS} if LABEL_ROWS in inputs else inputs
 
 
 def _no_logits(inputs: dict) -> dict:
     """The model's inputs with its head computing nothing and no cache."""
     nothing = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    return {**inputs, "logits_to_keep": nothing, "use_cache": False}
+    return {**without_label_rows(inputs), "logits_to_keep": nothing, "use_cache": False}
 
 
 @contextlib.contextmanager
@@ -435,8 +450,10 @@ def _normalised(total: torch.Tensor, count: int, num_items_in_batch) -> torch.Te
     return total / num_items_in_batch
 
 
-def lean_loss_from_hidden(hidden, labels, parts: HeadParts, num_items_in_batch=None, sink=None) -> torch.Tensor:
-    rows, targets = labelled_rows(hidden, labels.to(hidden.device))
+def lean_loss_from_hidden(
+    hidden, labels, parts: HeadParts, num_items_in_batch=None, sink=None, label_rows=None
+) -> torch.Tensor:
+    rows, targets = labelled_rows(hidden, labels.to(hidden.device), label_rows)
     weight = getattr(parts.head, "weight", None)
     if weight is not None and weight.is_floating_point() and rows.dtype != weight.dtype:
         # fp32 hidden states under bf16 autocast (lora_fp32_output): the head runs in its weight's dtype, as
@@ -451,7 +468,7 @@ def lean_causal_lm_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled positions, without full-sequence logits."""
     hidden = decoder_hidden_states(model, parts, inputs)
-    return lean_loss_from_hidden(hidden, inputs["labels"], parts, num_items_in_batch, sink)
+    return lean_loss_from_hidden(hidden, inputs["labels"], parts, num_items_in_batch, sink, inputs.get(LABEL_ROWS))
 
 
 class LeanLoss:
@@ -469,6 +486,9 @@ class LeanLoss:
         self._captured: Optional[dict] = None
 
     def model_inputs(self, inputs: dict) -> dict:
+        """The batch for the model's forward; the collator's LABEL_ROWS, if any, kept for this loss."""
+        if self._captured is not None and LABEL_ROWS in inputs:
+            self._captured["label_rows"] = inputs[LABEL_ROWS]
         return _no_logits(inputs)
 
     @contextlib.contextmanager
@@ -484,7 +504,8 @@ class LeanLoss:
         hidden = self._captured.pop("hidden", None) if self._captured is not None else None
         if hidden is None:
             raise RuntimeError("LeanLoss called without a captured forward (run the model inside capture())")
-        return lean_loss_from_hidden(hidden, labels, self.parts, num_items_in_batch, self.sink)
+        rows = self._captured.pop("label_rows", None)
+        return lean_loss_from_hidden(hidden, labels, self.parts, num_items_in_batch, self.sink, rows)
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,7 +34,7 @@ from component.errors import ConfigError
 from component.training import fsdp
 from component.training.checkpoints import CheckpointMarker
 from component.training.log_callback import LogCallback, ProgressBar
-from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts
+from component.training.loss import LeanLoss, TiedHeadGrad, find_head_parts, without_label_rows
 from component.training.neftune import NEFTUNE_KEY, PerExampleNEFTune
 from component.training.report import RunReportCallback
 from component.training.safety import InterruptCallback, NonFiniteGuard
@@ -134,12 +134,12 @@ class FinetuneTrainer(RunHooks, Trainer):
         if self.neftune is not None:
             self.neftune.observe(inputs)
         if self.lean is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, without_label_rows(inputs), return_outputs, num_items_in_batch)
         if return_outputs or "labels" not in inputs:
             # Logits wanted, or nothing to learn: the model's own loss, exactly as upstream (label smoothing too).
             self.compute_loss_func = None
             try:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                return super().compute_loss(model, without_label_rows(inputs), return_outputs, num_items_in_batch)
             finally:
                 self.compute_loss_func = self.lean
         with self.lean.capture():
