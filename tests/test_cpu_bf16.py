@@ -42,6 +42,16 @@ def test_dropout_mask_has_nn_dropouts_rate_and_scale(p):
     assert mask.mean().item() == pytest.approx(1.0, abs=5 * sigma / (1 - p))  # the expectation is kept
 
 
+def test_bf16_dropout_keeps_the_expectation():
+    """In bf16 the scale is not rounded first: bf16(1 / 0.95) = 1.0547 would make every kept input 0.2% large."""
+    torch.manual_seed(0)
+    x = (1 + torch.rand(2_000_000)).to(torch.bfloat16)  # varied values: each product rounds its own way
+    out = CpuLoraDropout(0.05).train()(x)
+    assert out.dtype == torch.bfloat16
+    ratio = out.double().sum().item() / x.double().sum().item()
+    assert ratio == pytest.approx(1.0, abs=1e-3)  # 5 sigma of the drawn mask's mean; a rounded scale gives 1.0019
+
+
 def test_dropout_masks_follow_torchs_rng_state_and_gradient_is_the_mask():
     dropout = CpuLoraDropout(0.1)
     x = torch.randn(3, 64, 48, requires_grad=True)
@@ -153,6 +163,26 @@ def test_bf16_on_the_cpu_lora_layers_return_fp32_by_default(tmp_path, tiny_llama
     q_proj = next(m for n, m in trainer.model.named_modules() if n.endswith("q_proj"))
     x = torch.randn(1, 3, q_proj.in_features, dtype=torch.bfloat16)
     assert q_proj(x).dtype == torch.bfloat16  # no autocast (generation, evaluation): the model's own dtype
+
+
+@pytest.mark.parametrize(
+    "cuda,values,on",
+    [
+        (False, {"bf16": True}, True),
+        (True, {"bf16": True}, False),  # a GPU run: off
+        (True, {"bf16": True, "use_cpu": True}, True),  # a CUDA machine told to train on the CPU: on
+        (False, {"bf16": False}, False),
+        (False, {"bf16": True, "lora_fp32_output": False}, False),
+        (True, {"bf16": True, "lora_fp32_output": True}, True),
+    ],
+)
+def test_lora_fp32_output_default_follows_the_training_device(tmp_path, tiny_llama_dir, monkeypatch, cuda, values, on):
+    from component.model.loading import lora_fp32_output_on
+    from tests.runs import config_of
+
+    config = config_of(base_config(tiny_llama_dir, tmp_path / "o", **values))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert lora_fp32_output_on(config) is on
 
 
 def test_fp32_output_keeps_an_update_smaller_than_bf16s_rounding_step():

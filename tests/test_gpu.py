@@ -104,8 +104,9 @@ def test_half_precision_uses_one_varlen_kernel_per_layer(monkeypatch):
 
 
 def test_bf16_padding_free_step_syncs_once(monkeypatch):
-    """Forward, lean loss and backward of a padding-free bf16 batch: the only host synchronisation is
-    transformers' packed-sequence check (once per forward; tests/test_sync_free.py finds the same on the CPU)."""
+    """Forward, lean loss and backward of a padding-free bf16 batch (not the whole training_step, which
+    tests/test_sync_free.py covers on the CPU): at most one host synchronisation, transformers' packed-sequence
+    check once per forward, as that test finds."""
     import warnings
 
     tok = tiny_tokenizer()
@@ -124,6 +125,27 @@ def test_bf16_padding_free_step_syncs_once(monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) <= 1, [f"{w.filename}:{w.lineno}" for w in syncs]
+
+
+def test_fp32_projections_under_autocast_still_take_the_varlen_kernel(monkeypatch):
+    """QLoRA keeps norms in fp32 and 4-bit layers return their input's dtype: q/k/v arrive in fp32 under bf16
+    autocast. They are attended in bf16 by the varlen kernel (as sdpa would under autocast), once per layer."""
+    tok = tiny_tokenizer()
+    model = cuda_model("llama", tok, torch.float32)
+    model.set_attn_implementation(SEGMENT_SDPA)
+    calls = {"varlen": 0}
+    varlen = padding_free._attend_varlen
+
+    def spy(*args):
+        calls["varlen"] += 1
+        return varlen(*args)
+
+    monkeypatch.setattr(padding_free, "_attend_varlen", spy)
+    batch = on_cuda(PaddingFreeCollator()(examples(len(tok))))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = lean_causal_lm_loss(model, find_head_parts(model), batch)
+    loss.backward()
+    assert calls["varlen"] == model.config.num_hidden_layers and loss.isfinite()
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma"])

@@ -69,6 +69,7 @@ def test_collator_concatenates_without_padding():
     assert batch["labels"].tolist() == [[-100, 11, 12, -100, 21]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
     assert batch["max_length_q"] == 3
+    assert batch["label_rows"].tolist() == [0, 1, 3]  # positions whose next label is trained, for the lean loss
     assert "attention_mask" not in batch
 
 
@@ -239,3 +240,19 @@ def test_varlen_without_window_support_refuses_sliding_window(monkeypatch):
 def test_varlen_path_only_on_cuda_half_precision():
     kwargs = {"cu_seq_lens_q": torch.tensor([0, 3], dtype=torch.int32), "max_length_q": 3}
     assert not padding_free._varlen_usable(torch.zeros(1, 2, 3, 4, dtype=torch.bfloat16), 0.0, kwargs)  # CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_attention_output_is_contiguous_in_its_input_dtype(dtype):
+    # Callers may .view() it; `.to(dtype, memory_format=...)` alone does not copy when the dtype is already right.
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 12, 8, generator=g).to(dtype)
+    key, value = (torch.randn(1, 2, 12, 8, generator=g).to(dtype) for _ in range(2))
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    out, _ = padding_free.segment_sdpa_attention_forward(
+        module, query, key, value, None, position_ids=positions, cu_seq_lens_q=cu, max_length_q=7
+    )
+    assert out.shape == (1, 12, 4, 8) and out.dtype == dtype and out.is_contiguous()

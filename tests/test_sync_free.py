@@ -44,6 +44,8 @@ READS_BACK = {
     torch.unique,
     torch.Tensor.cpu,
     torch.Tensor.numpy,
+    torch.bincount,
+    torch.Tensor.bincount,
 }
 """Calls that read a device tensor's value (or its data-dependent size) back on the host."""
 
@@ -63,7 +65,11 @@ class SyncDetector(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         masked = func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and _bool_index(args[1])
-        if func in READS_BACK or masked:
+        # repeat_interleave with tensor repeats and no output_size must learn its output's size from the device.
+        sized = func in (torch.repeat_interleave, torch.Tensor.repeat_interleave) and (
+            len(args) > 1 and torch.is_tensor(args[1]) and kwargs.get("output_size") is None
+        )
+        if func in READS_BACK or masked or sized:
             frame = next(f for f in reversed(traceback.extract_stack()[:-1]) if "torch/" not in f.filename)
             self.found.append(f"{getattr(func, '__name__', func)} at {frame.filename}:{frame.lineno}")
         return func(*args, **kwargs)
@@ -106,8 +112,11 @@ sequences (`find_packed_sequence_indices`, `(...).all()`); it skips that check u
 change: the test pins it to that one place and count, so a new read-back upstream fails here too."""
 
 
-@pytest.mark.parametrize("kind,mode", [("llama", "full"), ("llama", "lora"), ("gemma", "full")])
-def test_padding_free_training_step_reads_nothing_back(monkeypatch, tmp_path, kind, mode):
+@pytest.mark.parametrize(
+    "kind,mode,neftune",
+    [("llama", "full", None), ("llama", "lora", None), ("gemma", "full", None), ("llama", "lora", 5.0)],
+)
+def test_padding_free_training_step_reads_nothing_back(monkeypatch, tmp_path, kind, mode, neftune):
     monkeypatch.setattr(attention, "_torch_varlen", _varlen_standin)
     monkeypatch.setattr(attention, "_varlen_usable", _as_on_a_gpu)
     tok = tiny_tokenizer()
@@ -122,14 +131,22 @@ def test_padding_free_training_step_reads_nothing_back(monkeypatch, tmp_path, ki
         output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False, save_strategy="no"
     )
     data = examples(len(tok))
-    trainer = FinetuneTrainer(model=model, args=args, train_dataset=data, data_collator=PaddingFreeCollator())
+    trainer = FinetuneTrainer(
+        model=model, args=args, train_dataset=data, data_collator=PaddingFreeCollator(), neftune_alpha=neftune
+    )
     assert trainer.lean is not None
     batch = PaddingFreeCollator()(data)
     called = []
     monkeypatch.setattr(attention, "_attend_varlen", _spy(attention._attend_varlen, called))
     model.train()
+    # What trainer.train() sets up around its steps: the tied head's one gradient buffer, NEFTune's hook.
+    if trainer.tied_grad is not None:
+        trainer.tied_grad.open()
+    if trainer.neftune is not None:
+        trainer.neftune.attach(model.get_input_embeddings())
     with SyncDetector() as detector:
         loss = trainer.training_step(model, batch, num_items_in_batch=torch.tensor(40))
+    assert (trainer.tied_grad is not None) == (kind == "gemma")
     assert called, "the varlen path did not run"
     assert loss.isfinite()
     ours = [f for f in detector.found if UPSTREAM not in f]
@@ -151,11 +168,21 @@ def test_detector_flags_what_reads_back():
         x.sum().item()
         x[x > 2]
         bool(x.any())
+        torch.bincount(x.long())
+        x.repeat_interleave(torch.tensor([1, 0, 2, 1, 1, 1]))
         x[torch.tensor([1, 2])]  # an index tensor: no read-back
-    assert [f.split(" at ")[0] for f in detector.found] == ["item", "__getitem__", "__bool__"]
+        x.repeat_interleave(torch.tensor([1, 0, 2, 1, 1, 1]), output_size=6)  # its size given: none either
+    assert [f.split(" at ")[0] for f in detector.found] == [
+        "item",
+        "__getitem__",
+        "__bool__",
+        "bincount",
+        "repeat_interleave",
+    ]
 
 
-def test_compiled_padding_free_steps_stop_recompiling(monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_padding_free_steps_stop_recompiling(monkeypatch, checkpointing):
     """torch_compile with padding-free batches on the GPU path: every step has a new row length and a new
     `max_length`. Dynamo compiles once, then once more with each of them dynamic (automatic dynamic shapes),
     and never again; no graph break (the CPU path's per-example loop reads its bounds and breaks the graph)."""
@@ -172,6 +199,9 @@ def test_compiled_padding_free_steps_stop_recompiling(monkeypatch):
     model = tiny_model("llama", tokenizer=tok)
     model.config.use_cache = False
     model.config._attn_implementation = attention.SEGMENT_SDPA
+    if checkpointing:  # as the benchmarks run (TRL's default); non-reentrant, transformers' default
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     parts = find_head_parts(model)
     rng = random.Random(0)
     batches = [examples(len(tok), [rng.randint(4, 40) for _ in range(rng.randint(3, 6))]) for _ in range(8)]

@@ -119,3 +119,72 @@ def test_too_few_examples_for_the_ranks_and_accumulation_are_refused(tmp_path, t
     values = base_config(tiny_llama_dir, tmp_path / "o", max_steps=1, gradient_accumulation_steps=64, **TOKENS)
     with pytest.raises(ConfigError, match="needs at least ranks x gradient_accumulation_steps"):
         train_values(values)
+
+
+def test_pretrain_refuses_a_token_budget_too(tmp_path, tiny_llama_dir):
+    values = base_config(tiny_llama_dir, tmp_path / "o", task_type="pretrain", max_tokens_per_batch=160)
+    with pytest.raises(ConfigError, match="key 'max_tokens_per_batch': token-budget batches are built for task_type"):
+        config_of(values)
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_token_budget_batches_equal_the_examples_one_by_one_summed_by_token(lean):
+    """The sampler's micro-batches (one padding-free row each), their losses normalised by the step's supervised
+    tokens and their gradients accumulated, give the loss and gradients of the same examples one at a time,
+    summed by token, and of one large batch of them all: nothing leaks across an example boundary, and every
+    token weighs the same whatever micro-batch it is in."""
+    import torch
+
+    from component.data.collator import PaddingFreeCollator
+    from component.model.attention import SEGMENT_SDPA, register_attention
+    from component.training.loss import find_head_parts, lean_causal_lm_loss
+    from tests.test_padding_free import examples
+    from tests.tiny import tiny_model, tiny_tokenizer
+
+    register_attention()
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer=tok)
+    model.config.use_cache = False
+    model.config._attn_implementation = SEGMENT_SDPA
+    parts = find_head_parts(model)
+    data = examples(len(tok), lengths=(7, 12, 5, 9, 30, 3, 17, 11, 8, 21))
+    bins = list(TokenBudgetSampler([len(e["input_ids"]) for e in data], max_tokens=40, seed=3, multiple_of=2))
+    assert len(bins) >= 3 and sorted(i for b in bins for i in b) == list(range(len(data)))
+    assert all(sum(len(data[i]["input_ids"]) for i in b) <= 40 for b in bins)
+    supervised = sum(sum(label != -100 for label in e["labels"][1:]) for e in data)
+    collate = PaddingFreeCollator()
+
+    def loss_of(batch):
+        if lean:
+            return lean_causal_lm_loss(model, parts, batch, num_items_in_batch=supervised)
+        inputs = {k: v for k, v in batch.items() if k != "label_rows"}
+        logits = model(**inputs).logits[0, :-1]
+        return torch.nn.functional.cross_entropy(logits, inputs["labels"][0, 1:], reduction="sum") / supervised
+
+    model.zero_grad()
+    packed = 0.0
+    for b in bins:  # the accumulated micro-batches of one optimizer step
+        loss = loss_of(collate([data[i] for i in b]))
+        loss.backward()
+        packed += loss.item()
+    packed_grads = _grads(model)
+    model.zero_grad()
+    alone = 0.0
+    for example in data:
+        loss = loss_of(collate([example]))
+        loss.backward()
+        alone += loss.item()
+    alone_grads = _grads(model)
+    model.zero_grad()
+    large = loss_of(collate(data))  # one large batch of the same examples: no accumulation
+    large.backward()
+    large_grads = _grads(model)
+    assert packed == pytest.approx(alone, rel=1e-5) and large.item() == pytest.approx(alone, rel=1e-5)
+    assert packed_grads.keys() == alone_grads.keys() == large_grads.keys() and packed_grads
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, alone_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(grad, large_grads[name], atol=1e-6, rtol=1e-4, msg=name)

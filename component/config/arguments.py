@@ -243,8 +243,8 @@ class MethodArguments:
         metadata={
             "help": "Under bf16/fp16 autocast, each LoRA layer adds its adapter to an fp32 base output and returns "
             "fp32 (matmuls stay bf16), so small adapter updates are not rounded away (component/model/lora_layers.py). "
-            "Default: on for bf16 without CUDA (the demo's loss then within 0.3% of fp32's, not 1.3%; 6-12% slower), "
-            "off on a GPU."
+            "Default: on for bf16 on the CPU (no CUDA, or use_cpu; the demo's loss then within 0.3% of fp32's, not "
+            "1.3%; 6-12% slower), off on a GPU."
         },
     )
     lora_target_modules: Optional[list[str]] = field(

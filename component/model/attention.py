@@ -142,6 +142,11 @@ def segment_sdpa_attention_forward(
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{SEGMENT_SDPA} does not support attention logit softcapping; use eager for this model type")
     groups = getattr(module, "num_key_value_groups", 1)
+    if query.is_cuda and query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 q/k/v under CUDA autocast (QLoRA keeps its norms in fp32, and 4-bit layers return their input's
+        # dtype): sdpa would run them in the autocast dtype; so does the varlen kernel, which takes half only.
+        half = torch.get_autocast_dtype("cuda")
+        query, key, value = query.to(half), key.to(half), value.to(half)
     if _varlen_usable(query, dropout, kwargs):
         out = _attend_varlen(
             query,
@@ -163,7 +168,8 @@ def segment_sdpa_attention_forward(
     bounds = segment_bounds(position_ids, kwargs.get("cu_seq_lens_q"))
     with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
         out = _attend_segments(query, key, value, bounds, scaling, dropout, kwargs.get("sliding_window"))
-    return out.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format), None
+    out = out.transpose(1, 2)
+    return (out.contiguous() if out.dtype == dtype else out.to(dtype, memory_format=torch.contiguous_format)), None
 
 
 def segment_sdpa_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):

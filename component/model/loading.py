@@ -236,9 +236,13 @@ def check_lora_target_values(values: dict) -> list[str]:
 
 
 def lora_fp32_output_on(config: Config) -> bool:
-    """`lora_fp32_output`, its default resolved: on for bf16 without CUDA (component/model/lora_layers.py)."""
+    """`lora_fp32_output`, its default resolved: on for bf16 training on the CPU, where there is no CUDA or
+    `use_cpu` is set (component/model/lora_layers.py)."""
     setting = config.method.lora_fp32_output
-    return setting if setting is not None else torch_dtype(config) == torch.bfloat16 and not torch.cuda.is_available()
+    if setting is not None:
+        return setting
+    on_cpu = not torch.cuda.is_available() or bool(config.training.get("use_cpu"))
+    return torch_dtype(config) == torch.bfloat16 and on_cpu
 
 
 def apply_lora(model: PreTrainedModel, config: Config, new_token_ids: Sequence[int] = ()):

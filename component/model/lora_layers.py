@@ -6,7 +6,8 @@ linear layer that is 7 masks per decoder layer: 15-20% of a SmolLM2-135M LoRA st
 fp32 and bf16 alike (`python bench/cpu_bf16.py profile`). `CpuLoraDropout` cuts each 64-bit random
 word into four 16-bit draws instead: an element is kept where its draw is at or above
 `round(p * 65536)`, and scaled by `65536 / (65536 - round(p * 65536))`, so the expectation is kept
-exactly and the drop rate is p to within 1/131072; forward and backward cost 2.5x less. The words
+exactly and the drop rate is p to within 1/131072 (the scale multiplies as a float: in bf16 each
+product is rounded, as in `nn.Dropout`, not the scale itself); forward and backward cost 2.5x less. The words
 come from torch's default generator: a seed, and the RNG state a resumed run restores, fix the
 masks as they fix `bernoulli_`'s. On a GPU (one fused kernel there) and in evaluation it is
 `nn.Dropout` itself.
@@ -32,26 +33,33 @@ DRAW_LEVELS = 1 << 16
 """Each element's draw is one of this many values (an int16 slice of a 64-bit random word)."""
 
 
-def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """A dropout mask on the CPU: 0 where dropped, 1 / (keep rate) where kept, in `dtype`."""
+def keep_draws(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
+    """On the CPU: where an element is kept (bool, `shape`), and the scale of a kept one, 1 / (keep rate)."""
     n = math.prod(shape)
     dropped = round(p * DRAW_LEVELS)
     # random_ over int64's whole range: each word's four int16 slices are independent uniform draws.
     words = torch.empty(-(-n // 4), dtype=torch.int64).random_(-(2**63), 2**63 - 1)
     draws = words.view(torch.int16)[:n].view(shape)
     keep = draws >= dropped - DRAW_LEVELS // 2  # int16 runs from -32768: P(keep) = 1 - dropped / 65536
-    scale = torch.tensor(DRAW_LEVELS / (DRAW_LEVELS - dropped), dtype=dtype)
-    return torch.where(keep, scale, torch.zeros((), dtype=dtype))
+    return keep, DRAW_LEVELS / (DRAW_LEVELS - dropped)
+
+
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """A dropout mask on the CPU: 0 where dropped, 1 / (keep rate) where kept, in `dtype`."""
+    keep, scale = keep_draws(shape, p)
+    return torch.where(keep, torch.tensor(scale, dtype=dtype), torch.zeros((), dtype=dtype))
 
 
 class CpuLoraDropout(nn.Dropout):
-    """`nn.Dropout` whose training mask, on the CPU, comes from `keep_mask` (see the module doc)."""
+    """`nn.Dropout` whose training mask, on the CPU, comes from `keep_draws` (see the module doc)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cheap = self.training and 0 < self.p and round(self.p * DRAW_LEVELS) < DRAW_LEVELS and x.device.type == "cpu"
         if not cheap or self.inplace:
             return super().forward(x)
-        return x * keep_mask(x.shape, self.p, x.dtype)
+        keep, scale = keep_draws(x.shape, self.p)
+        # x times a Python float: in bf16 each product is rounded, not the scale itself (bf16(1 / 0.95) is 0.2% high).
+        return torch.where(keep, x * scale, x.new_zeros(()))
 
 
 def use_cpu_lora_dropout(model: nn.Module) -> int:

@@ -68,13 +68,16 @@ TOKEN_BATCH_TASKS = ("sft",)
 def check_token_batches(values: dict[str, Any]) -> list[str]:
     """`batching` / `max_tokens_per_batch` set for a task that would not read them: refused, not ignored."""
     task_type = values.get("task_type", DEFAULT_TASK)
-    if task_type in TOKEN_BATCH_TASKS or task_type == "pretrain" or task_type not in TASKS:
+    if task_type in TOKEN_BATCH_TASKS or task_type not in TASKS:
         return []
+    keys = (("batching", "examples"), ("max_tokens_per_batch", None))
+    if task_type == "pretrain":  # its own check says why for `batching` (fixed blocks)
+        keys = keys[1:]
     return [
         f"key '{key}': token-budget batches are built for task_type {' or '.join(map(repr, TOKEN_BATCH_TASKS))} "
         f"only; task_type '{task_type}' batches per_device_train_batch_size examples (or pairs) per device; "
         f"remove '{key}'"
-        for key, unset in (("batching", "examples"), ("max_tokens_per_batch", None))
+        for key, unset in keys
         if values.get(key, unset) != unset
     ]
 

@@ -456,8 +456,8 @@ def lean_loss_from_hidden(
     rows, targets = labelled_rows(hidden, labels.to(hidden.device), label_rows)
     weight = getattr(parts.head, "weight", None)
     if weight is not None and weight.is_floating_point() and rows.dtype != weight.dtype:
-        # fp32 hidden states under bf16 autocast (lora_fp32_output): the head runs in its weight's dtype, as
-        # autocast would run it inside the model's forward.
+        # fp32 hidden states under bf16 autocast (lora_fp32_output) and a bf16 head (the frozen base on the CPU):
+        # the head runs in its weight's dtype, bf16, as autocast runs it inside the model's own forward.
         rows = rows.to(weight.dtype)
     total = head_cross_entropy_sum(rows, targets, parts.head, parts.softcap, sink=sink)
     return _normalised(total, targets.numel(), num_items_in_batch)

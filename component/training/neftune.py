@@ -29,7 +29,9 @@ def example_lengths(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         segment = starts.cumsum(-1)
         lengths = torch.zeros_like(position_ids)
         for row in range(position_ids.shape[0]):
-            counts = torch.bincount(segment[row])
+            # Counts in a tensor of fixed size (not bincount's, whose size a GPU would report back to the host).
+            counts = torch.zeros(segment.shape[-1] + 1, dtype=lengths.dtype, device=lengths.device)
+            counts.index_add_(0, segment[row], torch.ones_like(segment[row]))
             lengths[row] = counts[segment[row]]
         return lengths
     mask = inputs.get("attention_mask")

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from typing import Optional
 
 from loguru import logger
-from peft import PeftModel
-from peft.helpers import disable_input_dtype_casting
 from torch.utils.data import DataLoader, Sampler
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -153,6 +151,9 @@ class FinetuneTrainer(RunHooks, Trainer):
     def compute_loss_context_manager(self):
         """Under bf16 autocast on the CPU, LoRA's input stays bf16: peft would cast it to its fp32 adapter's dtype
         (one copy per adapted layer, and the dropout in fp32) only for autocast to cast it back for the matmul."""
+        from peft import PeftModel
+        from peft.helpers import disable_input_dtype_casting
+
         stack = super().compute_loss_context_manager()
         if self.args.bf16 and self.args.device.type == "cpu" and isinstance(self.model, PeftModel):
             stack.enter_context(disable_input_dtype_casting(self.model))
