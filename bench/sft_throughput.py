@@ -77,6 +77,16 @@ class ModelSpec:
     qlora: bool = False  # 4-bit base (bitsandbytes NF4) with LoRA: ours only (the TRL side would need its own setup)
 
 
+TINYLLAMA_ARCH = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+    max_position_embeddings=2048,
+)
+"""TinyLlama-1.1B's shape (with SmolLM2's vocabulary here): the GPU bench's full fine-tune."""
 MODELS = {
     "tiny_llama": ModelSpec(
         "tiny_llama",
@@ -144,15 +154,7 @@ MODELS = {
         threads=8,
         device="cuda",
         bf16=True,
-        arch=dict(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-            max_position_embeddings=2048,
-        ),
+        arch=TINYLLAMA_ARCH,
     ),
     # The 1.1B Llama at a 16k-token budget a step (16 x 1024), where the target is 35% MFU.
     "llama1b_16k_gpu": ModelSpec(
@@ -166,15 +168,7 @@ MODELS = {
         threads=8,
         device="cuda",
         bf16=True,
-        arch=dict(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-            tie_word_embeddings=False,
-            max_position_embeddings=2048,
-        ),
+        arch=TINYLLAMA_ARCH,
     ),
     # Llama-3-8B's shape (SmolLM2's 49,152 vocab instead of 128,256: about 7.3B parameters), random bf16
     # weights, QLoRA (NF4 base, LoRA r16 all-linear): that it runs on one GPU, and its peak memory.

@@ -83,10 +83,8 @@ def test_padding_free_matches_padded_on_cuda(kind, attention, dtype):
         assert_same(padded, packed)
 
 
-def test_half_precision_uses_one_varlen_kernel_per_layer(monkeypatch):
-    tok = tiny_tokenizer()
-    model = cuda_model("llama", tok, torch.bfloat16)
-    model.set_attn_implementation(SEGMENT_SDPA)
+def count_varlen_calls(monkeypatch) -> dict:
+    """Counts calls of the varlen path (in the returned dict's "varlen"); the per-example path fails the test."""
     calls = {"varlen": 0}
     varlen = padding_free._attend_varlen
 
@@ -95,10 +93,18 @@ def test_half_precision_uses_one_varlen_kernel_per_layer(monkeypatch):
         return varlen(*args)
 
     def no_per_example(*_args):
-        raise AssertionError("per-example sdpa on a CUDA bf16 batch")
+        raise AssertionError("per-example sdpa on a CUDA half-precision batch")
 
     monkeypatch.setattr(padding_free, "_attend_varlen", spy)
     monkeypatch.setattr(padding_free, "_attend_segments", no_per_example)
+    return calls
+
+
+def test_half_precision_uses_one_varlen_kernel_per_layer(monkeypatch):
+    tok = tiny_tokenizer()
+    model = cuda_model("llama", tok, torch.bfloat16)
+    model.set_attn_implementation(SEGMENT_SDPA)
+    calls = count_varlen_calls(monkeypatch)
     model(**on_cuda(PaddingFreeCollator()(examples(len(tok)))))
     assert calls["varlen"] == model.config.num_hidden_layers
 
@@ -133,14 +139,7 @@ def test_fp32_projections_under_autocast_still_take_the_varlen_kernel(monkeypatc
     tok = tiny_tokenizer()
     model = cuda_model("llama", tok, torch.float32)
     model.set_attn_implementation(SEGMENT_SDPA)
-    calls = {"varlen": 0}
-    varlen = padding_free._attend_varlen
-
-    def spy(*args):
-        calls["varlen"] += 1
-        return varlen(*args)
-
-    monkeypatch.setattr(padding_free, "_attend_varlen", spy)
+    calls = count_varlen_calls(monkeypatch)
     batch = on_cuda(PaddingFreeCollator()(examples(len(tok))))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = lean_causal_lm_loss(model, find_head_parts(model), batch)
