@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from component.data.collator import PaddingCollator, PaddingFreeCollator
-from component.model import attention as padding_free
 from component.model.attention import FLASH_ATTENTION, SEGMENT_SDPA, flash_attention_usable
 from component.training.loss import find_head_parts, lean_causal_lm_loss
 from tests.conftest import base_config, write_config
 from tests.runs import load_config, trainer_losses
-from tests.test_padding_free import examples
+from tests.test_padding_free import count_varlen_calls, examples
 from tests.tiny import tiny_model, tiny_tokenizer
 
 pytestmark = [
@@ -81,23 +80,6 @@ def test_padding_free_matches_padded_on_cuda(kind, attention, dtype):
         assert_same(padded, packed, tol=dict(atol=2e-2, rtol=5e-2), rel=2e-2)
     else:
         assert_same(padded, packed)
-
-
-def count_varlen_calls(monkeypatch) -> dict:
-    """Counts calls of the varlen path (in the returned dict's "varlen"); the per-example path fails the test."""
-    calls = {"varlen": 0}
-    varlen = padding_free._attend_varlen
-
-    def spy(*args):
-        calls["varlen"] += 1
-        return varlen(*args)
-
-    def no_per_example(*_args):
-        raise AssertionError("per-example sdpa on a CUDA half-precision batch")
-
-    monkeypatch.setattr(padding_free, "_attend_varlen", spy)
-    monkeypatch.setattr(padding_free, "_attend_segments", no_per_example)
-    return calls
 
 
 def test_half_precision_uses_one_varlen_kernel_per_layer(monkeypatch):

@@ -52,6 +52,23 @@ def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def count_varlen_calls(monkeypatch) -> dict:
+    """Counts calls of the varlen path (in the returned dict's "varlen"); the per-example path fails the test."""
+    calls = {"varlen": 0}
+    varlen = padding_free._attend_varlen
+
+    def spy(*args):
+        calls["varlen"] += 1
+        return varlen(*args)
+
+    def no_per_example(*_args):
+        raise AssertionError("per-example sdpa where the varlen path was expected")
+
+    monkeypatch.setattr(padding_free, "_attend_varlen", spy)
+    monkeypatch.setattr(padding_free, "_attend_segments", no_per_example)
+    return calls
+
+
 def assert_same(padded, packed):
     (loss_a, grads_a), (loss_b, grads_b) = padded, packed
     assert loss_b == pytest.approx(loss_a, rel=1e-5)

@@ -21,10 +21,10 @@ from torch.overrides import TorchFunctionMode
 from transformers import TrainingArguments
 
 from component.data.collator import PaddingFreeCollator
-from component.data.template import IGNORE_INDEX
 from component.model import attention
 from component.model.attention import register_attention
 from component.training.trainer import FinetuneTrainer
+from tests.test_padding_free import count_varlen_calls, examples
 from tests.tiny import tiny_model, tiny_tokenizer
 
 register_attention()
@@ -97,15 +97,6 @@ def _as_on_a_gpu(query, dropout, kwargs) -> bool:
     return not dropout and torch.is_tensor(kwargs.get("cu_seq_lens_q")) and isinstance(kwargs.get("max_length_q"), int)
 
 
-def examples(vocab: int, lengths=(7, 12, 5, 9, 11, 6)) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for n in lengths:
-        ids = torch.randint(5, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 3 + ids[3:]})
-    return out
-
-
 UPSTREAM = "transformers/masking_utils.py"
 """transformers' mask preparation checks once per forward (not per layer) whether `position_ids` hold packed
 sequences (`find_packed_sequence_indices`, `(...).all()`); it skips that check under torch.compile. Not ours to
@@ -136,8 +127,7 @@ def test_padding_free_training_step_reads_nothing_back(monkeypatch, tmp_path, ki
     )
     assert trainer.lean is not None
     batch = PaddingFreeCollator()(data)
-    called = []
-    monkeypatch.setattr(attention, "_attend_varlen", _spy(attention._attend_varlen, called))
+    calls = count_varlen_calls(monkeypatch)
     model.train()
     # What trainer.train() sets up around its steps: the tied head's one gradient buffer, NEFTune's hook.
     if trainer.tied_grad is not None:
@@ -147,19 +137,11 @@ def test_padding_free_training_step_reads_nothing_back(monkeypatch, tmp_path, ki
     with SyncDetector() as detector:
         loss = trainer.training_step(model, batch, num_items_in_batch=torch.tensor(40))
     assert (trainer.tied_grad is not None) == (kind == "gemma")
-    assert called, "the varlen path did not run"
+    assert calls["varlen"] == model.config.num_hidden_layers
     assert loss.isfinite()
     ours = [f for f in detector.found if UPSTREAM not in f]
     assert ours == [], "\n".join(ours)
     assert len(detector.found) == 1  # transformers' packed-sequence check, once for the one forward
-
-
-def _spy(fn, calls: list):
-    def wrapped(*args, **kwargs):
-        calls.append(1)
-        return fn(*args, **kwargs)
-
-    return wrapped
 
 
 def test_detector_flags_what_reads_back():

@@ -235,14 +235,16 @@ def check_lora_target_values(values: dict) -> list[str]:
     return problems + (unmatched_target_problems(empty, targets) if empty is not None else [])
 
 
-def lora_fp32_output_on(config: Config) -> bool:
-    """`lora_fp32_output`, its default resolved: on for bf16 training on the CPU, where there is no CUDA or
-    `use_cpu` is set (component/model/lora_layers.py)."""
-    setting = config.method.lora_fp32_output
-    if setting is not None:
-        return setting
+def bf16_on_cpu(config: Config) -> bool:
+    """bf16 training on the CPU: no CUDA, or `use_cpu` set."""
     on_cpu = not torch.cuda.is_available() or bool(config.training.get("use_cpu"))
     return torch_dtype(config) == torch.bfloat16 and on_cpu
+
+
+def lora_fp32_output_on(config: Config) -> bool:
+    """`lora_fp32_output`, its default resolved: on for bf16 training on the CPU (component/model/lora_layers.py)."""
+    setting = config.method.lora_fp32_output
+    return setting if setting is not None else bf16_on_cpu(config)
 
 
 def apply_lora(model: PreTrainedModel, config: Config, new_token_ids: Sequence[int] = ()):
@@ -423,7 +425,7 @@ def load_model(config: Config, tokenizer=None) -> PreTrainedModel:
         model = apply_lora(model, config, new_ids)
     if config.method.train_mode == "freeze":
         freeze(model, config.method.freeze_trainable_layers, config.method.freeze_trainable_modules or [])
-    if torch_dtype(config) == torch.bfloat16 and not torch.cuda.is_available():
+    if bf16_on_cpu(config):
         logger.info(describe_cpu_bf16(model, quantized=config.method.train_mode == "qlora"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

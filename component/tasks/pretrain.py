@@ -175,8 +175,6 @@ def check_pretrain_values(values: dict[str, Any]) -> list[str]:
     cache = values.get("data_cache_dir")
     if cache and Path(cache).is_file():
         problems.append(f"key 'data_cache_dir': {cache!r} is a file; give a folder")
-    if values.get("batching", "examples") != "examples":
-        problems.append("key 'batching': pretraining packs its own fixed blocks; token-budget batches are for sft")
     return problems
 
 

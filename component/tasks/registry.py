@@ -61,23 +61,17 @@ def check_other_task_keys(values: dict[str, Any]) -> list[str]:
     ]
 
 
-TOKEN_BATCH_TASKS = ("sft",)
-"""Task types that read `batching: tokens` (component/data/batching.py); pretrain has its own check (fixed blocks)."""
-
-
 def check_token_batches(values: dict[str, Any]) -> list[str]:
-    """`batching` / `max_tokens_per_batch` set for a task that would not read them: refused, not ignored."""
+    """`batching` / `max_tokens_per_batch` set for a task that would not read them (`Task.token_batches`):
+    refused, not ignored."""
     task_type = values.get("task_type", DEFAULT_TASK)
-    if task_type in TOKEN_BATCH_TASKS or task_type not in TASKS:
+    if task_type not in TASKS or TASKS[task_type].token_batches:
         return []
-    keys = (("batching", "examples"), ("max_tokens_per_batch", None))
-    if task_type == "pretrain":  # its own check says why for `batching` (fixed blocks)
-        keys = keys[1:]
+    readers = " or ".join(repr(name) for name, task in TASKS.items() if task.token_batches)
     return [
-        f"key '{key}': token-budget batches are built for task_type {' or '.join(map(repr, TOKEN_BATCH_TASKS))} "
-        f"only; task_type '{task_type}' batches per_device_train_batch_size examples (or pairs) per device; "
-        f"remove '{key}'"
-        for key, unset in keys
+        f"key '{key}': token-budget batches are built for task_type {readers} only, not '{task_type}' "
+        f"(it batches per_device_train_batch_size examples, pairs or packed blocks per device); remove '{key}'"
+        for key, unset in (("batching", "examples"), ("max_tokens_per_batch", None))
         if values.get(key, unset) != unset
     ]
 

@@ -89,4 +89,4 @@ def check_sft_values(values: dict) -> list[str]:
     return problems
 
 
-TASK = Task("sft", build_data, build_finetune_trainer, checks=(check_sft_values,))
+TASK = Task("sft", build_data, build_finetune_trainer, checks=(check_sft_values,), token_batches=True)

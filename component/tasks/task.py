@@ -24,3 +24,5 @@ class Task:
     """Config checks for this task's keys; run only when task_type names it."""
     training_arguments: Callable[[Config], TrainingArguments] = training_arguments
     """Builds the run's TrainingArguments (or the task's subclass of it)."""
+    token_batches: bool = False
+    """Whether the task reads `batching: tokens` / `max_tokens_per_batch` (component/data/batching.py)."""
